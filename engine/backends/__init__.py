@@ -1,0 +1,1 @@
+"""Backend implementations; each fulfils the contract written on ``engine.backend.Backend``."""

@@ -1,0 +1,172 @@
+"""The local catalog: a SQLite cache of what the repository holds.
+
+It mirrors index objects (where every blob lives), snapshot records, and keeps the files
+cache (path, size, mtime, ctime, inode -> chunk ids) that lets a snapshot skip unchanged
+files without reading them. Everything except the files cache can be rebuilt from the
+repository at any time; losing the files cache only costs one full read of the data dir.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import sqlite_utils
+
+from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
+from .packs import BlobEntry
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """What the files cache remembers of one file as it was last snapshotted."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    chunks: list[ChunkId]
+
+
+class Catalog:
+    """Thread-safe wrapper over one SQLite connection (snapshot workers share it)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self._db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self._create_schema()
+
+    def _create_schema(self) -> None:
+        db = self._db
+        with self._lock:
+            if db.table("meta").exists() and self.meta("schema") != str(SCHEMA_VERSION):
+                for table in db.table_names():
+                    db.table(table).drop()
+            db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db.table("index_objects").create({"name": str}, pk="name", if_not_exists=True)
+            db.table("packs").create({"id": bytes, "size": int}, pk="id", if_not_exists=True)
+            db.table("blobs").create({"id": bytes, "type": int, "pack": bytes, "offset": int,
+                                "length": int, "raw_length": int}, pk="id", if_not_exists=True)
+            db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes},
+                                   pk="key", if_not_exists=True)
+            db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
+                                "ctime_ns": int, "inode": int, "chunks": bytes},
+                               pk=("source", "path"), if_not_exists=True)
+            self.set_meta("schema", str(SCHEMA_VERSION))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.conn.close()
+
+    def meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", [key]).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._lock:
+            self._db.table("meta").upsert({"key": key, "value": value}, pk="key")
+
+    # ---- index --------------------------------------------------------------------------
+
+    def index_object_names(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT name FROM index_objects")}
+
+    def add_index(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry]) -> None:
+        """Record one index object's content; one transaction, so a crash leaves none of it."""
+        with self._lock, self._db.conn:
+            self._db.conn.execute("BEGIN")
+            self._db.conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)",
+                                      [(bytes(p), s) for p, s in packs.items()])
+            self._db.conn.executemany(
+                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
+                [(bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length) for e in entries])
+            self._db.conn.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", [name])
+
+    def clear_index(self) -> None:
+        with self._lock, self._db.conn:
+            self._db.conn.execute("BEGIN")
+            for table in ("index_objects", "packs", "blobs"):
+                self._db.conn.execute(f"DELETE FROM {table}")
+
+    def lookup(self, blob_id: bytes) -> BlobEntry | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT type, pack, offset, length, raw_length FROM blobs WHERE id=?", [blob_id]).fetchone()
+        if row is None:
+            return None
+        return BlobEntry(ChunkId(blob_id), BlobType(row[0]), PackId(row[1]), row[2], row[3], row[4])
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM blobs WHERE id=?", [blob_id]).fetchone() is not None
+
+    def packs(self) -> dict[PackId, int]:
+        with self._lock:
+            return {PackId(row[0]): row[1] for row in self._db.execute("SELECT id, size FROM packs")}
+
+    def blobs_in_pack(self, pack: PackId) -> list[BlobEntry]:
+        with self._lock:
+            rows = self._db.execute("SELECT id, type, offset, length, raw_length FROM blobs WHERE pack=?",
+                                    [bytes(pack)]).fetchall()
+        return [BlobEntry(ChunkId(r[0]), BlobType(r[1]), pack, r[2], r[3], r[4]) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(length),0), COALESCE(SUM(raw_length),0) FROM blobs").fetchone()
+            packs = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size),0) FROM packs").fetchone()
+        return {"blobs": row[0], "stored_bytes": row[1], "raw_bytes": row[2],
+                "packs": packs[0], "pack_bytes": packs[1]}
+
+    # ---- snapshots ---------------------------------------------------------------------
+
+    def snapshot_keys(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._db.execute("SELECT key FROM snapshots")}
+
+    def add_snapshot(self, key: str, snap_id: bytes, time_us: int, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._db.conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
+                                  [key, snap_id, time_us, pack_record(record)])
+
+    def remove_snapshots(self, keys: Iterable[str]) -> None:
+        with self._lock:
+            self._db.conn.executemany("DELETE FROM snapshots WHERE key=?", [(k,) for k in keys])
+
+    def snapshot_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """All cached records, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, record FROM snapshots ORDER BY time_us, key").fetchall()
+        for key, record in rows:
+            yield key, unpack_record(record, f"catalog record {key}")
+
+    # ---- files cache -------------------------------------------------------------------
+
+    def load_files(self, source: str) -> dict[bytes, CachedFile]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path, size, mtime_ns, ctime_ns, inode, chunks FROM files WHERE source=?", [source])
+            return {row[0]: CachedFile(row[1], row[2], row[3], row[4],
+                                       [ChunkId(c) for c in unpack_record(row[5], "files cache")])
+                    for row in rows}
+
+    def update_files(self, source: str, changed: dict[bytes, CachedFile], gone: Iterable[bytes]) -> None:
+        with self._lock, self._db.conn:
+            self._db.conn.execute("BEGIN")
+            self._db.conn.executemany("DELETE FROM files WHERE source=? AND path=?",
+                                      [(source, path) for path in gone])
+            self._db.conn.executemany(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(source, path, f.size, f.mtime_ns, f.ctime_ns, f.inode,
+                  pack_record([bytes(c) for c in f.chunks])) for path, f in changed.items()])

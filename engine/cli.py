@@ -1,0 +1,296 @@
+"""The ``clubsnap`` command: parse, build options, call one engine function, format.
+
+This is the only module that reads the environment, prints, or knows about terminals.
+Every ``EngineError`` becomes one line on stderr and its exit code (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import errors
+from .backend import open_backend
+from .diff import diff_trees
+from .repository import Repository
+from .restore import apply_restore, plan_restore, snapshot_at
+from .snapshot import Progress, SnapshotOptions, create_snapshot
+from .stats import repository_stats
+from .timespec import parse_time
+from .verify import check
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _cache_root(args: argparse.Namespace) -> Path:
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    if os.environ.get("CLUBSNAP_CACHE_DIR"):
+        return Path(os.environ["CLUBSNAP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clubsnap"
+
+
+def _repo_url(args: argparse.Namespace) -> str:
+    url = args.repo or os.environ.get("CLUBSNAP_REPO")
+    if not url:
+        raise errors.UsageError("no repository given: use --repo or set CLUBSNAP_REPO")
+    return url
+
+
+def _open(args: argparse.Namespace) -> Repository:
+    return Repository.open(open_backend(_repo_url(args)), _cache_root(args))
+
+
+class _Reporter:
+    """Progress on a terminal (rate, ETA), silence otherwise: cron mails stay short."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.2:
+            return
+        self.last = now
+        sys.stderr.write("\r\x1b[K" + text)
+        sys.stderr.flush()
+
+    def rate(self, done: int, total: int) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        speed = done / elapsed
+        eta = (total - done) / speed if speed > 0 and total > done else 0
+        return f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB  {speed / 1e6:,.1f} MB/s  ETA {eta:,.0f}s"
+
+    def snapshot(self, p: Progress) -> None:
+        self.line(f"files {p.files_done}/{p.files_total}  {self.rate(p.bytes_done, p.bytes_total)}")
+
+    def bytes(self, done: int, total: int) -> None:
+        self.line(self.rate(done, total))
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+def cmd_init(args: argparse.Namespace) -> int:
+    repo = Repository.init(open_backend(_repo_url(args)), _cache_root(args), _now)
+    _emit(args, {"id": repo.config.repo_id, "repository": repo.backend.location},
+          f"created clubsnap repository {repo.config.repo_id[:8]} at {repo.backend.location}\n"
+          f"encryption: none (this format version does not encrypt; keep the repository on trusted storage)")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    reporter = _Reporter(sys.stderr.isatty() and not args.json)
+    options = SnapshotOptions(source=Path(args.data_dir), host=args.host or socket.gethostname(),
+                              now=_now, temp_dir=_cache_root(args) / "tmp", tags=args.tag or [],
+                              include_logs=args.include_logs, progress=reporter.snapshot)
+    result = create_snapshot(repo, options)
+    reporter.done()
+    for problem in result.errors:
+        print(f"warning: {problem}", file=sys.stderr)
+    s = result.stats
+    _emit(args, {"id": result.info.id.hex(), "time": result.info.time.isoformat(),
+                 "partial": result.partial, "errors": result.errors, "stats": s},
+          f"snapshot {result.info.id.short()} saved at {result.info.time.astimezone():%Y-%m-%d %H:%M:%S %Z}"
+          f"{' (PARTIAL: some files were unreadable)' if result.partial else ''}\n"
+          f"files: {s['files']} ({s['files_new']} new, {s['files_changed']} changed, "
+          f"{s['files_unmodified']} unmodified), read {s['bytes_read'] / 1e6:,.1f} MB, "
+          f"added {s['bytes_added'] / 1e6:,.2f} MB to the repository in {s['duration_s']:.1f}s")
+    return errors.EXIT_PARTIAL if result.partial else 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    snaps = _open(args).snapshots()
+    rows = [{"id": s.id.hex(), "short_id": s.id.short(), "time": s.time.isoformat(),
+             "host": s.record.get("host"), "source": s.record.get("source"), "tags": s.tags,
+             "parent": s.record["parent"].hex() if s.record.get("parent") else None,
+             "partial": s.record.get("partial", False),
+             "size": sum(t["bytes"] for t in s.record.get("tiers", {}).values()),
+             "bytes_added": s.record.get("stats", {}).get("bytes_added")} for s in snaps]
+    lines = [f"{'ID':8}  {'Time (local)':19}  {'Host':12}  {'Size':>10}  {'Added':>10}  Tags"]
+    for row, snap in zip(rows, snaps):
+        lines.append(f"{row['short_id']}  {snap.time.astimezone():%Y-%m-%d %H:%M:%S}  {str(row['host'])[:12]:12}  "
+                     f"{row['size'] / 1e6:>8.1f}MB  {(row['bytes_added'] or 0) / 1e6:>8.2f}MB  "
+                     f"{','.join(row['tags'])}{' PARTIAL' if row['partial'] else ''}")
+    lines.append(f"{len(rows)} snapshot(s)")
+    _emit(args, rows, "\n".join(lines))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    if bool(args.snapshot) == bool(args.at):
+        raise errors.UsageError("give a snapshot id, 'latest', or --at TIME (exactly one)")
+    repo = _open(args)
+    if args.at:
+        snap = snapshot_at(repo.snapshots(), parse_time(args.at, _now()))
+    else:
+        snap = repo.find_snapshot(args.snapshot)
+    plan = plan_restore(repo, snap, Path(args.target), args.include, args.delete)
+    summary = plan.summary()
+    if args.dry_run:
+        _emit(args, {**summary, "write": [os.fsdecode(f.rel) for f in plan.to_write],
+                     "delete": [os.fsdecode(p) for p in plan.deletions]}, _plan_text(plan, summary))
+        return 0
+    reporter = _Reporter(sys.stderr.isatty() and not args.json)
+    result = apply_restore(repo, plan, allow_in_use=args.force, progress=reporter.bytes)
+    reporter.done()
+    data = {**summary, "files_written": result.files_written, "bytes_fetched": result.bytes_fetched,
+            "bytes_reused": result.bytes_reused, "deleted": result.deleted, "moved_aside": result.moved_aside}
+    _emit(args, data, f"restored snapshot {snap.id.short()} ({snap.time.astimezone():%Y-%m-%d %H:%M:%S %Z}) "
+                      f"into {plan.target}\nfiles: {result.files_written} written, "
+                      f"{summary['files_unchanged']} already identical, {result.deleted} deleted; "
+                      f"fetched {result.bytes_fetched / 1e6:,.2f} MB, reused {result.bytes_reused / 1e6:,.2f} MB"
+                      + "".join(f"\nmoved aside: {p}" for p in result.moved_aside))
+    return 0
+
+
+def _plan_text(plan: Any, summary: dict[str, Any]) -> str:
+    lines = [f"plan: restore snapshot {plan.snapshot.id.short()} ({plan.snapshot.time.astimezone():%Y-%m-%d %H:%M:%S %Z}) "
+             f"into {plan.target}"]
+    lines += [f"  write   {os.fsdecode(f.rel)} ({f.entry['size']:,} bytes)" for f in plan.to_write]
+    lines += [f"  delete  {os.fsdecode(p)}" for p in plan.deletions]
+    lines.append(f"{summary['files_to_write']} file(s) to write, {summary['files_unchanged']} already identical, "
+                 f"{summary['deletions']} to delete; {summary['bytes_to_fetch']:,} bytes to fetch, "
+                 f"{summary['bytes_reused']:,} bytes reused from the target")
+    return "\n".join(lines)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    old, new = repo.find_snapshot(args.a), repo.find_snapshot(args.b)
+    changes = list(diff_trees(repo, old.tree, new.tree))
+    _emit(args, [{"change": c.kind, "path": os.fsdecode(c.path), "size_delta": c.size_delta} for c in changes],
+          "\n".join(f"{c.kind}  {os.fsdecode(c.path)}" for c in changes) + f"\n{len(changes)} change(s)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    subset = _percent(args.read_data_subset) if args.read_data_subset else None
+    reporter = _Reporter(sys.stderr.isatty() and not args.json)
+    report = check(repo, read_data=args.read_data, subset=subset,
+                   progress=lambda done, total: reporter.line(f"packs {done}/{total}"))
+    reporter.done()
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    text = "\n".join(f"error: {e}" for e in report.errors) + ("\n" if report.errors else "")
+    text += (f"{'no errors' if report.ok else f'{len(report.errors)} error(s)'}: {report.snapshots} snapshots, "
+             f"{report.trees} trees, {report.packs} packs, {report.packs_read} packs read back")
+    _emit(args, {"ok": report.ok, "errors": report.errors, "warnings": report.warnings,
+                 "snapshots": report.snapshots, "packs": report.packs, "packs_read": report.packs_read}, text)
+    if not report.ok:
+        raise errors.CheckFailed(f"check found {len(report.errors)} error(s) in {repo.backend.location}")
+    return 0
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / 100
+    except ValueError as exc:
+        raise errors.UsageError(f"--read-data-subset takes a percentage like 10%, not {text!r}") from exc
+    if not 0 < value <= 1:
+        raise errors.UsageError("--read-data-subset must be between 0% and 100%")
+    return value
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = repository_stats(_open(args))
+    _emit(args, stats, "\n".join(f"{k}: {v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    repo.catalog.clear_index()
+    repo.catalog.remove_snapshots(repo.catalog.snapshot_keys())
+    repo.sync_index()
+    recovered = repo.rebuild_index_from_packs() if args.from_packs else 0
+    count = len(repo.snapshots())
+    _emit(args, {"snapshots": count, "packs_reindexed": recovered},
+          f"catalog rebuilt from {repo.backend.location}: {count} snapshot(s)"
+          + (f", {recovered} unindexed pack(s) indexed from their trailers" if args.from_packs else ""))
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repo", "-r", help="repository location (default: $CLUBSNAP_REPO)")
+    common.add_argument("--cache-dir", help="local catalog directory (default: $XDG_CACHE_HOME/clubsnap)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = argparse.ArgumentParser(prog="clubsnap", parents=[common],
+                                     description="Incremental, deduplicating snapshots of a club data directory.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    add("init", cmd_init, "create a repository")
+    p = add("snapshot", cmd_snapshot, "take a snapshot of a club data directory")
+    p.add_argument("data_dir")
+    p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")
+    p.add_argument("--include-logs", action="store_true", help="also snapshot logs/")
+    p.add_argument("--host", help="host name recorded in the snapshot (default: this machine's)")
+    add("snapshots", cmd_snapshots, "list snapshots")
+    p = add("restore", cmd_restore, "restore a snapshot (by id, 'latest', or --at TIME)")
+    p.add_argument("snapshot", nargs="?")
+    p.add_argument("--at", help="newest snapshot at or before TIME (ISO 8601, or '2h ago')")
+    p.add_argument("--target", required=True, help="directory to restore into")
+    p.add_argument("--include", action="append", help="restore only this path (repeatable)")
+    p.add_argument("--delete", action="store_true", help="remove files of the restored tiers that the snapshot lacks")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    p.add_argument("--force", action="store_true", help="restore even if a process has the database open")
+    p = add("diff", cmd_diff, "show what changed between two snapshots")
+    p.add_argument("a")
+    p.add_argument("b")
+    p = add("check", cmd_check, "check the repository")
+    p.add_argument("--read-data", action="store_true", help="read back and re-hash all data")
+    p.add_argument("--read-data-subset", help="read back this percentage of packs, e.g. 10%%")
+    add("stats", cmd_stats, "repository statistics")
+    p = add("cache", cmd_cache, "manage the local catalog")
+    p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")
+    p.add_argument("--from-packs", action="store_true", help="also index packs no index object names")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except errors.EngineError as exc:
+        print(f"clubsnap: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("clubsnap: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Every byte clubsnap keeps at rest: ids, object envelopes, pack layout, record encoding,
+and the key names under which objects live in a backend.
+
+``docs/format.md`` is the specification; ``tests/test_format.py`` checks that the
+constants here match it. Change both together and bump ``FORMAT_VERSION`` when an old
+reader could misread the new bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from datetime import datetime, timezone
+from enum import IntEnum, IntFlag
+from typing import Any, Self
+
+import blake3
+import lz4.block
+import msgpack
+
+from .errors import IntegrityError, UnsupportedFormat
+
+FORMAT_VERSION = 1
+ID_SIZE = 32
+
+OBJECT_MAGIC = b"CSNP"
+PACK_MAGIC = b"CSPK"
+PACK_FOOTER_MAGIC = b"CSPT"
+
+# magic, format version, kind, flags, reserved
+OBJECT_HEADER = struct.Struct("<4sBBBB")
+# magic, format version, 3 reserved bytes
+PACK_HEADER = struct.Struct("<4sB3x")
+# trailer length, magic: the last 8 bytes of every pack
+PACK_FOOTER = struct.Struct("<I4s")
+
+# Compression must save at least this fraction, or the raw bytes are kept: tarballs and
+# screenshots are already compressed and decompressing them again buys nothing.
+MIN_COMPRESSION_GAIN = 0.03
+
+
+class Kind(IntEnum):
+    """What a sealed object holds; a reader refuses an object of the wrong kind."""
+
+    CONFIG = 1
+    INDEX = 2
+    SNAPSHOT = 3
+    PACK_TRAILER = 4
+
+
+class Flag(IntFlag):
+    """Per-object and per-blob flags. Unknown bits make a reader refuse the object."""
+
+    LZ4 = 0x01
+    ENCRYPTED = 0x02  # reserved for the encryption issue; not produced yet
+
+
+KNOWN_FLAGS = Flag.LZ4
+
+
+class BlobType(IntEnum):
+    """Blobs in packs are file data or tree (directory listing) records."""
+
+    DATA = 0
+    TREE = 1
+
+
+class ObjectId(bytes):
+    """A 32-byte blake3 digest naming an immutable object."""
+
+    def __new__(cls, value: bytes) -> Self:
+        if len(value) != ID_SIZE:
+            raise IntegrityError(f"malformed id of {len(value)} bytes")
+        return super().__new__(cls, value)
+
+    @classmethod
+    def from_hex(cls, text: str) -> Self:
+        try:
+            return cls(bytes.fromhex(text))
+        except ValueError as exc:
+            raise IntegrityError(f"malformed id {text!r}") from exc
+
+    def short(self) -> str:
+        return self.hex()[:8]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.hex()[:16]}…)"
+
+
+class ChunkId(ObjectId):
+    """Id of a data or tree blob: blake3-256 of its plaintext."""
+
+
+class PackId(ObjectId):
+    """Id of a pack: blake3-256 of the pack's bytes as stored."""
+
+
+class SnapshotId(ObjectId):
+    """Id of a snapshot: blake3-256 of its encoded record."""
+
+
+def chunk_id(data: bytes | memoryview) -> ChunkId:
+    return ChunkId(blake3.blake3(data).digest())
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data).digest()
+
+
+# ---- records ---------------------------------------------------------------------------
+
+def pack_record(record: Any) -> bytes:
+    """msgpack with pinned options: bin type for bytes, no timestamps or extension types."""
+    packed: bytes = msgpack.packb(record, use_bin_type=True, strict_types=False, datetime=False)
+    return packed
+
+
+def unpack_record(data: bytes, what: str) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, msgpack.UnpackException, TypeError) as exc:
+        raise IntegrityError(f"{what}: undecodable record ({exc})") from exc
+
+
+# ---- compression, shared by objects and blobs ------------------------------------------
+
+def _maybe_compress(raw: bytes) -> tuple[Flag, bytes]:
+    if len(raw) < 64:
+        return Flag(0), raw
+    packed = lz4.block.compress(raw, store_size=True)
+    if len(packed) <= len(raw) * (1 - MIN_COMPRESSION_GAIN):
+        return Flag.LZ4, packed
+    return Flag(0), raw
+
+
+def _decompress(flags: int, payload: bytes | memoryview, what: str) -> bytes:
+    if flags & ~int(KNOWN_FLAGS):
+        raise UnsupportedFormat(f"{what}: unsupported flags 0x{flags:02x} (encrypted or newer format)")
+    if not flags & Flag.LZ4:
+        return bytes(payload)
+    try:
+        raw: bytes = lz4.block.decompress(payload)
+        return raw
+    except lz4.block.LZ4BlockError as exc:
+        raise IntegrityError(f"{what}: corrupted compressed data") from exc
+
+
+# ---- sealed objects (config, index, snapshot, pack trailer) ---------------------------
+
+def seal_object(kind: Kind, record: Any) -> bytes:
+    flags, payload = _maybe_compress(pack_record(record))
+    return OBJECT_HEADER.pack(OBJECT_MAGIC, FORMAT_VERSION, kind, flags, 0) + payload
+
+
+def open_object(kind: Kind, data: bytes, what: str) -> Any:
+    """Check the envelope, then decode; refuses what this build does not understand."""
+    if len(data) < OBJECT_HEADER.size:
+        raise IntegrityError(f"{what}: truncated object ({len(data)} bytes)")
+    magic, version, found_kind, flags, _ = OBJECT_HEADER.unpack_from(data)
+    if magic != OBJECT_MAGIC:
+        raise IntegrityError(f"{what}: not a clubsnap object (bad magic)")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormat(f"{what}: format version {version}, this clubsnap reads {FORMAT_VERSION}")
+    if found_kind != kind:
+        raise IntegrityError(f"{what}: expected a {kind.name.lower()} object, found kind {found_kind}")
+    payload = memoryview(data)[OBJECT_HEADER.size:]
+    return unpack_record(_decompress(flags, payload, what), what)
+
+
+# ---- blobs inside packs ----------------------------------------------------------------
+
+def encode_blob(raw: bytes) -> bytes:
+    """One blob as stored in a pack: a flags byte, then raw or lz4 bytes."""
+    flags, payload = _maybe_compress(raw)
+    return bytes((flags,)) + payload
+
+
+def decode_blob(stored: bytes | memoryview, expected: ChunkId, what: str) -> bytes:
+    """Decode a stored blob and prove it is the one asked for (hash check on every read)."""
+    if len(stored) < 1:
+        raise IntegrityError(f"{what}: empty blob {expected.short()}")
+    raw = _decompress(stored[0], memoryview(stored)[1:], what)
+    if digest(raw) != expected:
+        raise IntegrityError(f"{what}: blob {expected.short()} fails its hash check")
+    return raw
+
+
+# ---- key names ---------------------------------------------------------------------------
+
+CONFIG_KEY = "config"
+DATA_PREFIX = "data/"
+INDEX_PREFIX = "index/"
+SNAPSHOT_PREFIX = "snapshots/"
+SNAPSHOT_STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+
+def pack_key(pack: PackId) -> str:
+    return f"{DATA_PREFIX}{pack.hex()[:2]}/{pack.hex()}"
+
+
+def index_key(name: bytes) -> str:
+    return f"{INDEX_PREFIX}{name.hex()}"
+
+
+def snapshot_key(time: datetime, snap: SnapshotId) -> str:
+    """Snapshot keys start with their UTC time, so a LIST alone orders them by time."""
+    stamp = time.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)
+    return f"{SNAPSHOT_PREFIX}{stamp}_{snap.hex()}"
+
+
+def parse_snapshot_key(key: str) -> tuple[datetime, SnapshotId]:
+    name = key.rsplit("/", 1)[-1]
+    try:
+        stamp, hexid = name.split("_", 1)
+        time = datetime.strptime(stamp, SNAPSHOT_STAMP).replace(tzinfo=timezone.utc)
+    except ValueError as exc:
+        raise IntegrityError(f"{key}: malformed snapshot key") from exc
+    return time, SnapshotId.from_hex(hexid)

@@ -1,0 +1,116 @@
+"""Pack objects: many encoded blobs in one backend object, with a trailer describing them.
+
+A pack is ``header | blob* | trailer | footer``. The trailer lists every blob (id, type,
+offset, length, raw length) as a sealed object, so an index can always be rebuilt from
+the packs alone; the fixed footer at the end says where the trailer starts. Restores read
+byte ranges of packs, never whole packs unless they need every blob in them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from .backend import Backend
+from .errors import IntegrityError
+from .format import (
+    FORMAT_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, BlobType,
+    ChunkId, Kind, PackId, decode_blob, digest, open_object, pack_key, seal_object,
+)
+
+# Big enough that S3 request counts stay low, small enough to hold one in memory per
+# blob type while it fills.
+TARGET_PACK_SIZE = 16 << 20
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """Where one blob lives: the index's unit of information."""
+
+    id: ChunkId
+    type: BlobType
+    pack: PackId
+    offset: int
+    length: int
+    raw_length: int
+
+    def to_row(self) -> list[object]:
+        return [bytes(self.id), int(self.type), self.offset, self.length, self.raw_length]
+
+    @classmethod
+    def from_row(cls, pack: PackId, row: list[Any]) -> "BlobEntry":
+        blob_id, blob_type, offset, length, raw_length = row
+        return cls(ChunkId(blob_id), BlobType(blob_type), pack, int(offset), int(length), int(raw_length))
+
+
+class PackBuilder:
+    """Accumulates encoded blobs of one type until the pack is big enough to upload."""
+
+    def __init__(self, blob_type: BlobType) -> None:
+        self.blob_type = blob_type
+        self._buffer = bytearray(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
+        self._rows: list[tuple[ChunkId, int, int, int]] = []
+
+    def add(self, blob_id: ChunkId, encoded: bytes, raw_length: int) -> None:
+        self._rows.append((blob_id, len(self._buffer), len(encoded), raw_length))
+        self._buffer += encoded
+
+    @property
+    def size(self) -> int:
+        return len(self._buffer)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def finish(self) -> tuple[PackId, bytes, list[BlobEntry]]:
+        rows = [[bytes(i), int(self.blob_type), off, ln, raw] for i, off, ln, raw in self._rows]
+        trailer = seal_object(Kind.PACK_TRAILER, rows)
+        self._buffer += trailer
+        self._buffer += PACK_FOOTER.pack(len(trailer), PACK_FOOTER_MAGIC)
+        data = bytes(self._buffer)
+        pack_id = PackId(digest(data))
+        entries = [BlobEntry(i, self.blob_type, pack_id, off, ln, raw) for i, off, ln, raw in self._rows]
+        return pack_id, data, entries
+
+
+def read_trailer(backend: Backend, pack_id: PackId, size: int) -> list[BlobEntry]:
+    """The blob list of a pack, from its trailer: two ranged reads, never the whole pack."""
+    key = pack_key(pack_id)
+    if size < PACK_HEADER.size + PACK_FOOTER.size:
+        raise IntegrityError(f"{key}: too short to be a pack")
+    trailer_length, magic = PACK_FOOTER.unpack(backend.get(key, size - PACK_FOOTER.size, PACK_FOOTER.size))
+    start = size - PACK_FOOTER.size - trailer_length
+    if magic != PACK_FOOTER_MAGIC or start < PACK_HEADER.size:
+        raise IntegrityError(f"{key}: damaged pack footer")
+    rows = open_object(Kind.PACK_TRAILER, backend.get(key, start, trailer_length), key)
+    return [BlobEntry.from_row(pack_id, row) for row in rows]
+
+
+def verify_pack(data: bytes, pack_id: PackId) -> list[BlobEntry]:
+    """Check a whole pack read back from storage: its hash, header, trailer and blobs."""
+    key = pack_key(pack_id)
+    if digest(data) != pack_id:
+        raise IntegrityError(f"{key}: pack content does not match its name (corrupted)")
+    magic, version = PACK_HEADER.unpack_from(data)
+    if magic != PACK_MAGIC:
+        raise IntegrityError(f"{key}: bad pack magic")
+    trailer_length, _ = PACK_FOOTER.unpack_from(data, len(data) - PACK_FOOTER.size)
+    start = len(data) - PACK_FOOTER.size - trailer_length
+    rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key)
+    entries = [BlobEntry.from_row(pack_id, row) for row in rows]
+    for entry in entries:
+        decode_blob(memoryview(data)[entry.offset:entry.offset + entry.length], entry.id, key)
+    return entries
+
+
+def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10) -> list[tuple[int, int, list[BlobEntry]]]:
+    """Group blobs of one pack into byte ranges to fetch: fewer requests, little waste."""
+    ranges: list[tuple[int, int, list[BlobEntry]]] = []
+    for entry in sorted(entries, key=lambda e: e.offset):
+        if ranges and entry.offset - ranges[-1][1] <= max_gap:
+            start, end, members = ranges[-1]
+            members.append(entry)
+            ranges[-1] = (start, max(end, entry.offset + entry.length), members)
+        else:
+            ranges.append((entry.offset, entry.offset + entry.length, [entry]))
+    return ranges

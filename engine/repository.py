@@ -1,0 +1,294 @@
+"""The repository: config, the chunk store over packs, index objects and snapshot records.
+
+Write ordering (docs/format.md, "Write ordering"): packs are durable before the index
+objects naming them, and index objects before the snapshot record that needs them. So a
+reader that sees a snapshot can find every blob it references, and a run killed at any
+point leaves only unreferenced packs or index entries, never a dangling reference.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from dataclasses import astuple, dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .backend import Backend
+from .backends.metered import MeteredBackend
+from .catalog import Catalog
+from .chunker import ChunkerParams
+from .errors import IntegrityError, ObjectNotFound, RepositoryNotFound, SnapshotNotFound
+from .format import (
+    CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, BlobType, ChunkId,
+    Kind, PackId, SnapshotId, chunk_id, decode_blob, digest, encode_blob, index_key,
+    open_object, pack_key, parse_snapshot_key, seal_object, snapshot_key,
+)
+from .packs import TARGET_PACK_SIZE, BlobEntry, PackBuilder, read_trailer
+
+# Write an index object after this many packs, so a killed run loses little: the next
+# run finds those chunks indexed and does not upload them again.
+PACKS_PER_INDEX = 4
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    repo_id: str
+    created: str
+    chunker: ChunkerParams
+    pack_size: int = TARGET_PACK_SIZE
+
+    def to_record(self) -> dict[str, Any]:
+        return {"version": FORMAT_VERSION, "id": self.repo_id, "created": self.created,
+                "chunker": self.chunker.to_record(), "pack_size": self.pack_size,
+                "encryption": "none"}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "RepoConfig":
+        return cls(str(record["id"]), str(record["created"]),
+                   ChunkerParams.from_record(record["chunker"]), int(record["pack_size"]))
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot record with its id and key; ``record`` is the stored dict."""
+
+    id: SnapshotId
+    key: str
+    time: datetime
+    record: dict[str, Any] = field(repr=False)
+
+    @property
+    def tree(self) -> ChunkId:
+        return ChunkId(self.record["tree"])
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.record.get("tags", []))
+
+
+@dataclass
+class WriteStats:
+    """What this session added to the repository."""
+
+    blobs_added: int = 0
+    raw_bytes_added: int = 0
+    packs_written: int = 0
+    pack_bytes_written: int = 0
+    index_objects_written: int = 0
+
+    def since(self, earlier: "WriteStats") -> "WriteStats":
+        return WriteStats(*(now - then for now, then in zip(astuple(self), astuple(earlier))))
+
+
+class Repository:
+    def __init__(self, backend: Backend, config: RepoConfig, catalog: Catalog) -> None:
+        self.backend = backend if isinstance(backend, MeteredBackend) else MeteredBackend(backend)
+        self.config = config
+        self.catalog = catalog
+        self.stats = WriteStats()
+        self._lock = threading.Lock()
+        self._index_lock = threading.Lock()
+        self._session_ids: set[ChunkId] = set()
+        self._uploaded: dict[ChunkId, BlobEntry] = {}
+        self._unindexed: list[tuple[PackId, int, list[BlobEntry]]] = []
+        self._builders = {t: PackBuilder(t) for t in BlobType}
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, backend: Backend, cache_root: Path, now: Callable[[], datetime],
+             chunker: ChunkerParams | None = None) -> "Repository":
+        config = RepoConfig(secrets.token_hex(16), now().astimezone(timezone.utc).isoformat(),
+                            chunker or ChunkerParams())
+        backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record()), exclusive=True)
+        return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"))
+
+    @classmethod
+    def open(cls, backend: Backend, cache_root: Path) -> "Repository":
+        try:
+            data = backend.get(CONFIG_KEY)
+        except ObjectNotFound as exc:
+            raise RepositoryNotFound(
+                f"no clubsnap repository at {backend.location} (run 'clubsnap init' first)") from exc
+        record = open_object(Kind.CONFIG, data, f"{backend.location}/{CONFIG_KEY}")
+        config = RepoConfig.from_record(record)
+        return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"))
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    # ---- index synchronisation -------------------------------------------------------------
+
+    def sync_index(self) -> None:
+        """Bring the catalog's blob index up to date with the index objects in the repo.
+
+        Reads only index objects the catalog has not seen. If one it had seen is gone
+        (a prune consolidated it), the catalog's index is rebuilt from scratch.
+        """
+        present = {key[len(INDEX_PREFIX):] for key, _ in self.backend.list(INDEX_PREFIX)}
+        known = self.catalog.index_object_names()
+        if known - present:
+            self.catalog.clear_index()
+            known = set()
+        for name in sorted(present - known):
+            self._load_index_object(name)
+
+    def _load_index_object(self, name: str) -> None:
+        key = f"{INDEX_PREFIX}{name}"
+        data = self.backend.get(key)
+        if digest(data).hex() != name:
+            raise IntegrityError(f"{key}: content does not match its name (corrupted)")
+        record = open_object(Kind.INDEX, data, key)
+        packs: dict[PackId, int] = {}
+        entries: list[BlobEntry] = []
+        for pack in record["packs"]:
+            pack_id = PackId(pack["id"])
+            packs[pack_id] = int(pack["size"])
+            entries.extend(BlobEntry.from_row(pack_id, row) for row in pack["blobs"])
+        self.catalog.add_index(name, packs, entries)
+
+    def rebuild_index_from_packs(self) -> int:
+        """Recreate index objects from pack trailers (after index loss); returns packs indexed."""
+        self.sync_index()
+        indexed = self.catalog.packs()
+        found = 0
+        for key, size in self.backend.list(DATA_PREFIX):
+            pack_id = PackId.from_hex(key.rsplit("/", 1)[-1])
+            if pack_id not in indexed:
+                self._write_index([(pack_id, size, read_trailer(self.backend, pack_id, size))])
+                found += 1
+        return found
+
+    # ---- writing blobs ----------------------------------------------------------------------
+
+    def has_blob(self, blob_id: ChunkId) -> bool:
+        with self._lock:
+            if blob_id in self._session_ids:
+                return True
+        return self.catalog.has_blob(blob_id)
+
+    def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
+        """Store a blob unless the repository has it; safe to call from many threads."""
+        blob_id = blob_id or chunk_id(raw)
+        with self._lock:
+            if blob_id in self._session_ids:
+                return blob_id
+            self._session_ids.add(blob_id)
+        if self.catalog.has_blob(blob_id):
+            return blob_id
+        encoded = encode_blob(raw)  # outside the lock: lz4 releases the GIL
+        with self._lock:
+            builder = self._builders[blob_type]
+            builder.add(blob_id, encoded, len(raw))
+            self.stats.blobs_added += 1
+            self.stats.raw_bytes_added += len(raw)
+            full = builder.size >= self.config.pack_size
+            if full:
+                self._builders[blob_type] = PackBuilder(blob_type)
+        if full:
+            self._upload(builder)
+        return blob_id
+
+    def _upload(self, builder: PackBuilder) -> None:
+        pack_id, data, entries = builder.finish()
+        self.backend.put(pack_key(pack_id), data)
+        with self._lock:
+            self.stats.packs_written += 1
+            self.stats.pack_bytes_written += len(data)
+            self._uploaded.update((e.id, e) for e in entries)
+            self._unindexed.append((pack_id, len(data), entries))
+            batch = self._unindexed if len(self._unindexed) >= PACKS_PER_INDEX else []
+            if batch:
+                self._unindexed = []
+        if batch:
+            self._write_index(batch)
+
+    def _write_index(self, batch: list[tuple[PackId, int, list[BlobEntry]]]) -> None:
+        record = {"packs": [{"id": bytes(p), "size": size, "blobs": [e.to_row() for e in entries]}
+                            for p, size, entries in batch]}
+        data = seal_object(Kind.INDEX, record)
+        name = digest(data)
+        with self._index_lock:
+            self.backend.put(index_key(name), data)
+            self.catalog.add_index(name.hex(), {p: s for p, s, _ in batch},
+                                   [e for _, _, entries in batch for e in entries])
+            self.stats.index_objects_written += 1
+
+    def flush(self) -> None:
+        """Upload every open pack and index everything uploaded: all blobs become durable."""
+        with self._lock:
+            builders = [b for b in self._builders.values() if len(b)]
+            self._builders = {t: PackBuilder(t) for t in BlobType}
+        for builder in builders:
+            self._upload(builder)
+        with self._lock:
+            batch, self._unindexed = self._unindexed, []
+        if batch:
+            self._write_index(batch)
+
+    # ---- reading blobs ----------------------------------------------------------------------
+
+    def locate(self, blob_id: ChunkId) -> BlobEntry:
+        entry = self._uploaded.get(blob_id) or self.catalog.lookup(blob_id)
+        if entry is None:
+            raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
+        return entry
+
+    def read_blob(self, blob_id: ChunkId) -> bytes:
+        entry = self.locate(blob_id)
+        key = pack_key(entry.pack)
+        try:
+            stored = self.backend.get(key, entry.offset, entry.length)
+        except ObjectNotFound as exc:
+            raise IntegrityError(f"{key}: pack missing (needed for chunk {blob_id.short()})") from exc
+        return decode_blob(stored, blob_id, key)
+
+    # ---- snapshots ----------------------------------------------------------------------------
+
+    def save_snapshot(self, record: dict[str, Any], time: datetime) -> SnapshotInfo:
+        """Make a snapshot visible: last, after every blob it needs is durable and indexed."""
+        self.flush()
+        data = seal_object(Kind.SNAPSHOT, record)
+        snap_id = SnapshotId(digest(data))
+        key = snapshot_key(time, snap_id)
+        self.backend.put(key, data)
+        self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record)
+        return SnapshotInfo(snap_id, key, time, record)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """All snapshots, oldest first: one LIST, and a GET only for records not cached."""
+        present = {key for key, _ in self.backend.list(SNAPSHOT_PREFIX)}
+        cached = self.catalog.snapshot_keys()
+        self.catalog.remove_snapshots(cached - present)
+        for key in sorted(present - cached):
+            time, snap_id = parse_snapshot_key(key)
+            data = self.backend.get(key)
+            if SnapshotId(digest(data)) != snap_id:
+                raise IntegrityError(f"{key}: snapshot record does not match its id (corrupted)")
+            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time),
+                                      open_object(Kind.SNAPSHOT, data, key))
+        infos = []
+        for key, record in self.catalog.snapshot_records():
+            time, snap_id = parse_snapshot_key(key)
+            infos.append(SnapshotInfo(snap_id, key, time, record))
+        return infos
+
+    def find_snapshot(self, ref: str) -> SnapshotInfo:
+        """A snapshot by full or unique-prefix hex id, or ``latest``."""
+        snaps = self.snapshots()
+        if not snaps:
+            raise SnapshotNotFound(f"the repository at {self.backend.location} has no snapshots")
+        if ref == "latest":
+            return snaps[-1]
+        matches = [s for s in snaps if s.id.hex().startswith(ref.lower())]
+        if len(matches) != 1:
+            what = "matches no snapshot" if not matches else "is ambiguous"
+            raise SnapshotNotFound(f"snapshot id {ref!r} {what}")
+        return matches[0]
+
+
+def _time_us(time: datetime) -> int:
+    return (time - EPOCH) // timedelta(microseconds=1)

@@ -1,0 +1,450 @@
+"""Restore: ``plan_restore`` decides, ``apply_restore`` writes.
+
+The plan is computed before anything is touched and can be printed (``--dry-run``): the
+files to write, the files already identical, the files ``--delete`` would remove, and
+the bytes to fetch against the bytes reused from the target. Reuse is by content: every
+existing file in the restored scope is cut with the chunker its snapshot entry used, so
+unchanged chunks of a changed file (an older club.db, say) are copied locally instead of
+fetched.
+
+Writes are atomic per file: a temporary file in the same directory, fsync, rename. A
+SQLite database's stale ``-wal``/``-shm`` are moved aside with the old file before the
+restored one goes in, because SQLite would otherwise replay the old WAL over the restored
+image and silently undo the restore (SQLITE_NOTES §5).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .chunker import CDC, chunk_stream
+from .errors import IntegrityError, ObjectNotFound, TargetInUse, UsageError, from_os_error
+from .format import ChunkId, PackId, decode_blob, digest, pack_key
+from .packs import BlobEntry, coalesce
+from .repository import Repository, SnapshotInfo
+from .tree import Entry, load_tree
+
+TEMP_MARK = b".clubsnap-restore-"
+SQLITE_SIDECARS = (b"-wal", b"-shm")
+
+
+@dataclass
+class FilePlan:
+    rel: bytes
+    entry: Entry
+    identical: bool  # the target already holds exactly this content
+
+    @property
+    def chunks(self) -> list[ChunkId]:
+        return [ChunkId(c) for c in self.entry["chunks"]]
+
+
+@dataclass
+class RestorePlan:
+    snapshot: SnapshotInfo
+    target: Path
+    dirs: list[tuple[bytes, Entry]] = field(default_factory=list)
+    files: list[FilePlan] = field(default_factory=list)
+    symlinks: list[tuple[bytes, Entry]] = field(default_factory=list)
+    deletions: list[bytes] = field(default_factory=list)
+    local: dict[ChunkId, tuple[bytes, int, int]] = field(default_factory=dict)
+    fetch: dict[PackId, list[BlobEntry]] = field(default_factory=dict)
+
+    @property
+    def to_write(self) -> list[FilePlan]:
+        return [f for f in self.files if not f.identical]
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return sum(end - start for blobs in self.fetch.values() for start, end, _ in coalesce(blobs))
+
+    @property
+    def bytes_reused(self) -> int:
+        reused: int = sum(f.entry["size"] for f in self.files if f.identical)
+        for plan in self.to_write:
+            reused += sum(self.local[c][2] for c in plan.chunks if c in self.local)
+        return reused
+
+    def summary(self) -> dict[str, object]:
+        return {"snapshot": self.snapshot.id.hex(), "time": self.snapshot.time.isoformat(),
+                "target": str(self.target), "files": len(self.files),
+                "files_to_write": len(self.to_write),
+                "files_unchanged": len(self.files) - len(self.to_write),
+                "bytes_total": sum(f.entry["size"] for f in self.files),
+                "bytes_to_fetch": self.bytes_to_fetch, "bytes_reused": self.bytes_reused,
+                "deletions": len(self.deletions)}
+
+
+# ---- choosing the snapshot -------------------------------------------------------------
+
+def snapshot_at(snapshots: list[SnapshotInfo], when: datetime) -> SnapshotInfo:
+    """The newest snapshot taken at or before ``when``."""
+    eligible = [s for s in snapshots if s.time <= when]
+    if not eligible:
+        first = snapshots[0].time.isoformat() if snapshots else "none"
+        from .errors import SnapshotNotFound
+
+        raise SnapshotNotFound(f"no snapshot at or before {when.isoformat()} (oldest: {first})")
+    return eligible[-1]
+
+
+# ---- planning ----------------------------------------------------------------------------
+
+def plan_restore(repo: Repository, snapshot: SnapshotInfo, target: Path,
+                 includes: list[str] | None = None, delete: bool = False) -> RestorePlan:
+    repo.sync_index()
+    plan = RestorePlan(snapshot, target.absolute())
+    wanted = [_normalise(i) for i in includes or []]
+    _select(repo, snapshot.tree, b"", wanted, plan)
+    for include in wanted:
+        if not any(_within(rel, include) for rel in _all_paths(plan)):
+            raise UsageError(f"--include {include.decode()} matches nothing in snapshot {snapshot.id.short()}")
+    scopes = wanted or sorted({rel.split(b"/", 1)[0] for rel in _all_paths(plan)})
+    _find_local_chunks(repo, plan, scopes)
+    if delete:
+        plan.deletions = _extra_paths(plan, scopes)
+    needed = {c for f in plan.to_write for c in f.chunks if c not in plan.local}
+    fetch: dict[PackId, list[BlobEntry]] = defaultdict(list)
+    for chunk in needed:
+        entry = repo.locate(chunk)
+        fetch[entry.pack].append(entry)
+    plan.fetch = dict(fetch)
+    return plan
+
+
+def _normalise(include: str) -> bytes:
+    path = include.strip().strip("/")
+    while path.startswith("./"):
+        path = path[2:]
+    if not path or ".." in path.split("/"):
+        raise UsageError(f"invalid --include path {include!r}")
+    return os.fsencode(path)
+
+
+def _within(rel: bytes, scope: bytes) -> bool:
+    return rel == scope or rel.startswith(scope + b"/")
+
+
+def _all_paths(plan: RestorePlan) -> Iterator[bytes]:
+    yield from (rel for rel, _ in plan.dirs)
+    yield from (f.rel for f in plan.files)
+    yield from (rel for rel, _ in plan.symlinks)
+
+
+def _select(repo: Repository, tree: ChunkId, prefix: bytes, wanted: list[bytes], plan: RestorePlan) -> None:
+    """Walk only the subtrees an include can reach."""
+    for entry in load_tree(repo, tree):
+        rel = prefix + entry["name"]
+        inside = not wanted or any(_within(rel, w) for w in wanted)
+        above = any(w.startswith(rel + b"/") for w in wanted)
+        if not inside and not above:
+            continue
+        if entry["type"] == "dir":
+            plan.dirs.append((rel, entry))
+            _select(repo, ChunkId(entry["tree"]), rel + b"/", wanted, plan)
+        elif inside and entry["type"] == "file":
+            plan.files.append(FilePlan(rel, entry, identical=False))
+        elif inside and entry["type"] == "symlink":
+            plan.symlinks.append((rel, entry))
+
+
+def _find_local_chunks(repo: Repository, plan: RestorePlan, scopes: list[bytes]) -> None:
+    """Cut existing target files like the snapshot did and note where each chunk sits."""
+    root = os.fsencode(plan.target)
+    by_path = {f.rel: f for f in plan.files}
+    for rel in _existing_files(root, scopes):
+        planned = by_path.get(rel)
+        method = planned.entry["chunker"] if planned else CDC
+        try:
+            found = list(_cut(os.path.join(root, rel), method, repo))
+        except OSError:
+            continue  # unreadable local file: nothing to reuse from it
+        for chunk, offset, length in found:
+            plan.local.setdefault(chunk, (rel, offset, length))
+        if planned and [c for c, _, _ in found] == planned.chunks:
+            # A database with a WAL beside it is not identical: SQLite would replay the WAL.
+            planned.identical = "sqlite" not in planned.entry or not _has_sidecars(os.path.join(root, rel))
+
+
+def _has_sidecars(path: bytes) -> bool:
+    return any(os.path.exists(path + suffix) for suffix in SQLITE_SIDECARS)
+
+
+def _cut(path: bytes, method: str, repo: Repository) -> Iterator[tuple[ChunkId, int, int]]:
+    offset = 0
+    with open(path, "rb") as handle:
+        for data in chunk_stream(handle, method, repo.config.chunker):
+            yield ChunkId(digest(data)), offset, len(data)
+            offset += len(data)
+
+
+def _existing_files(root: bytes, scopes: list[bytes]) -> Iterator[bytes]:
+    for scope in scopes:
+        top = os.path.join(root, scope)
+        if os.path.isfile(top) and not os.path.islink(top):
+            yield scope
+            continue
+        for dirpath, _dirs, names in os.walk(top):
+            rel_dir = os.path.relpath(dirpath, root)
+            for name in names:
+                full = os.path.join(dirpath, name)
+                if TEMP_MARK not in name and os.path.isfile(full) and not os.path.islink(full):
+                    yield os.path.join(rel_dir, name)
+
+
+def _extra_paths(plan: RestorePlan, scopes: list[bytes]) -> list[bytes]:
+    """Paths in the restored scopes that the snapshot does not have, deepest first."""
+    keep = set(_all_paths(plan))
+    root = os.fsencode(plan.target)
+    extra = []
+    for scope in scopes:
+        for dirpath, dirs, names in os.walk(os.path.join(root, scope)):
+            rel_dir = os.path.relpath(dirpath, root)
+            extra += [p for p in (os.path.join(rel_dir, n) for n in dirs + names) if p not in keep]
+    return sorted(set(extra), key=lambda p: (-p.count(b"/"), p))
+
+
+# ---- applying ------------------------------------------------------------------------------
+
+@dataclass
+class RestoreResult:
+    files_written: int = 0
+    files_unchanged: int = 0
+    bytes_written: int = 0
+    bytes_fetched: int = 0
+    bytes_reused: int = 0
+    deleted: int = 0
+    moved_aside: list[str] = field(default_factory=list)
+
+
+def apply_restore(repo: Repository, plan: RestorePlan, *, allow_in_use: bool = False,
+                  set_owner: bool | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> RestoreResult:
+    root = os.fsencode(plan.target)
+    if not allow_in_use:
+        _refuse_if_open(root, plan)
+    owner = os.geteuid() == 0 if set_owner is None else set_owner
+    before = repo.backend.bytes_read
+    try:
+        result = _Writer(repo, plan, root, owner, progress).run()
+    except OSError as exc:
+        raise from_os_error(exc, f"restoring into {plan.target}") from exc
+    result.bytes_fetched = repo.backend.bytes_read - before
+    return result
+
+
+class _Writer:
+    def __init__(self, repo: Repository, plan: RestorePlan, root: bytes, owner: bool,
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.repo, self.plan, self.root, self.owner, self.progress = repo, plan, root, owner, progress
+        self.temps: dict[bytes, bytes] = {}
+        self.result = RestoreResult()
+        self.total = sum(f.entry["size"] for f in plan.to_write)
+
+    def run(self) -> RestoreResult:
+        os.makedirs(self.root, exist_ok=True)
+        for rel, _entry in self.plan.dirs:
+            os.makedirs(os.path.join(self.root, rel), exist_ok=True)
+        try:
+            self._prepare_temps()
+            missing = self._copy_local()
+            self._fetch(missing)
+            self._install_files()
+        finally:
+            for temp in self.temps.values():
+                if os.path.exists(temp):
+                    os.unlink(temp)
+        self._install_symlinks()
+        self._delete_extras()
+        self._finish_dirs()
+        self.result.files_unchanged = len(self.plan.files) - len(self.plan.to_write)
+        return self.result
+
+    def _prepare_temps(self) -> None:
+        for plan in self.plan.to_write:
+            directory, name = os.path.split(os.path.join(self.root, plan.rel))
+            temp = os.path.join(directory, b"." + name + TEMP_MARK + secrets.token_hex(4).encode())
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.ftruncate(fd, plan.entry["size"])
+            os.close(fd)
+            self.temps[plan.rel] = temp
+
+    def _positions(self) -> dict[ChunkId, list[tuple[bytes, int]]]:
+        """Where every needed chunk goes: (temp file, offset)."""
+        where: dict[ChunkId, list[tuple[bytes, int]]] = defaultdict(list)
+        for plan in self.plan.to_write:
+            offset = 0
+            for chunk, raw in zip(plan.chunks, _chunk_sizes(self.repo, self.plan, plan)):
+                where[chunk].append((self.temps[plan.rel], offset))
+                offset += raw
+        return where
+
+    def _copy_local(self) -> dict[ChunkId, list[tuple[bytes, int]]]:
+        """Copy reusable chunks from target files (before any is replaced); returns the rest."""
+        self.where = self._positions()
+        missing: dict[ChunkId, list[tuple[bytes, int]]] = {}
+        for chunk, places in self.where.items():
+            source = self.plan.local.get(chunk)
+            data = _read_local(os.path.join(self.root, source[0]), source[1], source[2]) if source else None
+            if data is None or digest(data) != chunk:
+                missing[chunk] = places
+                continue
+            self._place(data, places)
+            self.result.bytes_reused += len(data) * len(places)
+        return missing
+
+    def _fetch(self, missing: dict[ChunkId, list[tuple[bytes, int]]]) -> None:
+        by_pack: dict[PackId, list[BlobEntry]] = defaultdict(list)
+        for chunk in missing:
+            entry = self.repo.locate(chunk)
+            by_pack[entry.pack].append(entry)
+        for pack, blobs in sorted(by_pack.items()):
+            key = pack_key(pack)
+            for start, end, members in coalesce(blobs):
+                try:
+                    data = self.repo.backend.get(key, start, end - start)
+                except ObjectNotFound as exc:
+                    raise IntegrityError(f"{key}: pack missing, needed by {self._users(members)}") from exc
+                for blob in members:
+                    stored = memoryview(data)[blob.offset - start:blob.offset - start + blob.length]
+                    try:
+                        raw = decode_blob(stored, blob.id, key)
+                    except IntegrityError as exc:
+                        raise IntegrityError(f"{exc}; needed by {self._users([blob])}") from exc
+                    self._place(raw, missing[blob.id])
+
+    def _users(self, blobs: list[BlobEntry]) -> str:
+        ids = {b.id for b in blobs}
+        names = [f.rel.decode(errors="replace") for f in self.plan.to_write if ids & set(f.chunks)]
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    def _place(self, data: bytes, places: list[tuple[bytes, int]]) -> None:
+        for temp, offset in places:
+            fd = os.open(temp, os.O_WRONLY)
+            try:
+                os.pwrite(fd, data, offset)
+            finally:
+                os.close(fd)
+            self.result.bytes_written += len(data)
+            if self.progress:
+                self.progress(self.result.bytes_written, self.total)
+
+    def _install_files(self) -> None:
+        for plan in self.plan.files:
+            path = os.path.join(self.root, plan.rel)
+            if plan.identical:
+                _apply_meta(path, plan.entry, self.owner)
+                continue
+            temp = self.temps[plan.rel]
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _apply_meta(temp, plan.entry, self.owner)
+            if "sqlite" in plan.entry:
+                self._move_sqlite_set_aside(path)
+            os.replace(temp, path)
+            self.result.files_written += 1
+
+    def _move_sqlite_set_aside(self, path: bytes) -> None:
+        """Old db + WAL move aside together (still a valid pair); the -shm is dropped."""
+        wal, shm = path + b"-wal", path + b"-shm"
+        if not _has_sidecars(path):
+            return
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
+        aside = path + b".pre-restore-" + stamp
+        if os.path.exists(path):
+            os.replace(path, aside)
+            self.result.moved_aside.append(os.fsdecode(aside))
+        if os.path.exists(wal):
+            os.replace(wal, aside + b"-wal")
+            self.result.moved_aside.append(os.fsdecode(aside + b"-wal"))
+        if os.path.exists(shm):
+            os.unlink(shm)
+
+    def _install_symlinks(self) -> None:
+        for rel, entry in self.plan.symlinks:
+            path = os.path.join(self.root, rel)
+            temp = path + TEMP_MARK + secrets.token_hex(4).encode()
+            os.symlink(entry["target"], temp)
+            os.replace(temp, path)
+
+    def _delete_extras(self) -> None:
+        for rel in self.plan.deletions:
+            path = os.path.join(self.root, rel)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+            else:
+                continue  # already gone (a database sidecar moved aside above)
+            self.result.deleted += 1
+
+    def _finish_dirs(self) -> None:
+        for rel, entry in sorted(self.plan.dirs, key=lambda d: -d[0].count(b"/")):
+            path = os.path.join(self.root, rel)
+            _fsync_dir(path)
+            _apply_meta(path, entry, self.owner)
+        _fsync_dir(self.root)
+
+
+def _chunk_sizes(repo: Repository, plan: RestorePlan, file: FilePlan) -> Iterator[int]:
+    for chunk in file.chunks:
+        local = plan.local.get(chunk)
+        yield local[2] if local else repo.locate(chunk).raw_length
+
+
+def _read_local(path: bytes, offset: int, length: int) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(length)
+    except OSError:
+        return None
+
+
+def _apply_meta(path: bytes, entry: Entry, owner: bool) -> None:
+    if owner:
+        os.chown(path, entry["uid"], entry["gid"], follow_symlinks=False)
+    os.chmod(path, entry["mode"])
+    os.utime(path, ns=(entry["mtime"], entry["mtime"]))
+
+
+def _fsync_dir(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _refuse_if_open(root: bytes, plan: RestorePlan) -> None:
+    """Refuse to replace a database some process has open (a running club): the process
+    would keep writing into the unlinked inode and new connections see a broken file."""
+    databases = {os.path.realpath(os.path.join(root, f.rel)) for f in plan.to_write if "sqlite" in f.entry}
+    databases = {d for d in databases if os.path.exists(d)}
+    if not databases:
+        return
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.fsencode(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if link in databases:
+                raise TargetInUse(f"{os.fsdecode(link)} is open by process {pid} (stop club first, "
+                                  f"or pass --force)")

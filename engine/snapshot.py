@@ -1,0 +1,277 @@
+"""create_snapshot(): data dir -> chunks -> packs -> index -> trees -> snapshot record, last.
+
+Order matters for consistency (CLUB_DATA §5): databases are captured first, blobs
+scanned after. club commits a publish to the DB before writing its tarball and deletes
+a version's blobs before its row, so "DB first" means a snapshot's DB never names a
+tarball that was published after the DB image was taken; a version deleted during the
+scan is the only window left, and the SQLite issue closes it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from .catalog import CachedFile
+from .chunker import CDC, FIXED, chunk_stream
+from .errors import SourceError
+from .format import BlobType, ChunkId
+from .repository import Repository, SnapshotInfo, WriteStats
+from .sources import sqlite as sqlite_source
+from .sources.files import Item, Scan, scan_tier, tiers_for
+from .tree import Entry, store_tree
+
+# A file whose ctime is this close to the scan start may still be changing within one
+# tick of the kernel's coarse file clock; it is snapshotted but not trusted by the cache.
+RACY_WINDOW_NS = 50_000_000
+
+
+@dataclass(frozen=True)
+class Progress:
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass
+class SnapshotOptions:
+    source: Path
+    host: str
+    now: Callable[[], datetime]
+    temp_dir: Path
+    tags: list[str] = field(default_factory=list)
+    include_logs: bool = False
+    workers: int = 3
+    progress: Callable[[Progress], None] | None = None
+
+
+@dataclass
+class SourceStats:
+    files: int = 0
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    bytes_read: int = 0
+    bytes_total: int = 0
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+@dataclass
+class SnapshotResult:
+    info: SnapshotInfo
+    stats: dict[str, Any]
+    errors: list[str]
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.errors)
+
+
+def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
+    root = _check_source(options.source)
+    start = options.now()
+    written_before = replace(repo.stats)
+    repo.sync_index()
+    source_key = os.fsdecode(root)
+    cache = repo.catalog.load_files(source_key)
+    scan = Scan()
+    for tier in tiers_for(options.include_logs):
+        scan_tier(root, tier, scan)
+    builder = _SnapshotBuilder(repo, options, cache)
+    builder.files_total = len(scan.files) + len(scan.databases)
+    entries = builder.capture_databases(scan)  # DB first: the consistent-cut rule
+    entries.update(builder.read_files(scan))
+    tree = _build_trees(repo, scan.items, entries)
+    repo.flush()  # every pack and index durable, and counted, before the record is written
+    written = repo.stats.since(written_before)
+    record = _snapshot_record(options, source_key, start, tree, builder, scan, repo, written)
+    info = repo.save_snapshot(record, start)
+    repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
+    return SnapshotResult(info, record["stats"], scan.errors + builder.errors)
+
+
+def _check_source(source: Path) -> bytes:
+    root = os.fsencode(source.absolute())
+    if not os.path.isdir(root):
+        raise SourceError(f"data directory {source} does not exist or is not a directory")
+    if not any(os.path.isdir(os.path.join(root, t.encode())) for t in ("db", "blobs")):
+        raise SourceError(f"{source} does not look like a club data directory (no db/ or blobs/)")
+    return root
+
+
+class _SnapshotBuilder:
+    """Turns scanned items into tree entries, storing new chunks on the way."""
+
+    def __init__(self, repo: Repository, options: SnapshotOptions, cache: dict[bytes, CachedFile]) -> None:
+        self.repo = repo
+        self.options = options
+        self.cache = cache
+        # The racy-file guard compares with the file system's clock, not the snapshot's.
+        self.scan_start_ns = time.time_ns()
+        self.stats = SourceStats()
+        self.errors: list[str] = []
+        self.databases: list[dict[str, Any]] = []
+        self.cache_updates: dict[bytes, CachedFile] = {}
+        self.seen: set[bytes] = set()
+        self._bytes_done = 0
+        self._files_done = 0
+        self.files_total = 0
+
+    def capture_databases(self, scan: Scan) -> dict[bytes, Entry]:
+        entries: dict[bytes, Entry] = {}
+        for item in scan.databases:
+            try:
+                image = sqlite_source.capture(os.fsdecode(item.path), self.options.temp_dir)
+            except sqlite_source.CaptureError as exc:
+                self.errors.append(f"{os.fsdecode(item.rel)}: cannot capture SQLite database ({exc})")
+                continue
+            added_before = self.repo.stats.blobs_added
+            try:
+                with open(image.path, "rb") as handle:
+                    chunks = [self.repo.add_blob(BlobType.DATA, c)
+                              for c in chunk_stream(handle, FIXED, self.repo.config.chunker)]
+                size = image.path.stat().st_size
+            finally:
+                image.path.unlink(missing_ok=True)
+            entries[item.rel] = _file_entry(item, size, chunks, FIXED) | {"sqlite": image.info}
+            self.databases.append({"path": item.rel, **image.info})
+            unchanged = self.repo.stats.blobs_added == added_before
+            self._count(item.rel, size, read=size, unchanged=unchanged, changed=not unchanged)
+            self.seen.add(item.rel)
+        return entries
+
+    def read_files(self, scan: Scan) -> dict[bytes, Entry]:
+        files = scan.files
+        self.stats.bytes_total += sum(i.st.st_size for i in files)
+        entries: dict[bytes, Entry] = {}
+        with ThreadPoolExecutor(max_workers=self.options.workers) as pool:
+            futures: list[tuple[Item, Future[Entry] | None]] = []
+            for item in files:
+                hit = self._cache_hit(item)
+                futures.append((item, None) if hit else (item, pool.submit(self._read_file, item)))
+                if hit:
+                    entries[item.rel] = _file_entry(item, item.st.st_size, hit.chunks, CDC)
+                    self._count(item.rel, item.st.st_size, read=0, unchanged=True)
+            for item, future in futures:
+                if future is None:
+                    continue
+                try:
+                    entries[item.rel] = future.result()
+                except OSError as exc:
+                    self.errors.append(f"{os.fsdecode(item.rel)}: unreadable ({exc.strerror})")
+        return entries
+
+    def _cache_hit(self, item: Item) -> CachedFile | None:
+        cached = self.cache.get(item.rel)
+        st = item.st
+        if cached is None or (cached.size, cached.mtime_ns, cached.ctime_ns, cached.inode) != (
+                st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+            return None
+        if not all(self.repo.has_blob(c) for c in cached.chunks):
+            return None
+        self.seen.add(item.rel)
+        return cached
+
+    def _read_file(self, item: Item) -> Entry:
+        with open(item.path, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            chunks = [self.repo.add_blob(BlobType.DATA, c)
+                      for c in chunk_stream(handle, CDC, self.repo.config.chunker)]
+            size = handle.tell()
+        fresh = Item(item.rel, item.path, st, item.kind)
+        self._remember(fresh, size, chunks)
+        self._count(item.rel, size, read=size, changed=item.rel in self.cache)
+        return _file_entry(fresh, size, chunks, CDC)
+
+    def _remember(self, item: Item, size: int, chunks: list[ChunkId]) -> None:
+        st = item.st
+        self.seen.add(item.rel)
+        if size == st.st_size and st.st_ctime_ns < self.scan_start_ns - RACY_WINDOW_NS:
+            self.cache_updates[item.rel] = CachedFile(size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, chunks)
+
+    def _count(self, rel: bytes, size: int, read: int, unchanged: bool = False, changed: bool = False) -> None:
+        tier = rel.split(b"/", 1)[0].decode()
+        stats = self.stats
+        stats.files += 1
+        stats.bytes_read += read
+        tier_stats = stats.tiers.setdefault(tier, {"files": 0, "bytes": 0})
+        tier_stats["files"] += 1
+        tier_stats["bytes"] += size
+        if unchanged:
+            stats.files_unmodified += 1
+        elif changed:
+            stats.files_changed += 1
+        else:
+            stats.files_new += 1
+        self._files_done += 1
+        self._bytes_done += size
+        if self.options.progress:
+            self.options.progress(Progress(self._files_done, self.files_total,
+                                           self._bytes_done, self.stats.bytes_total))
+
+
+def _file_entry(item: Item, size: int, chunks: list[ChunkId], chunker: str) -> Entry:
+    return {**_meta(item), "type": "file", "size": size, "chunker": chunker,
+            "chunks": [bytes(c) for c in chunks]}
+
+
+def _meta(item: Item) -> Entry:
+    st = item.st
+    return {"name": os.path.basename(item.rel), "mode": stat.S_IMODE(st.st_mode),
+            "mtime": st.st_mtime_ns, "uid": st.st_uid, "gid": st.st_gid}
+
+
+def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry]) -> ChunkId:
+    """Store directory trees bottom-up; returns the root tree id."""
+    children: dict[bytes, list[Entry]] = defaultdict(list)
+    dirs = [i for i in items if i.kind == "dir"]
+    for item in items:
+        parent = os.path.dirname(item.rel)
+        if item.kind in ("file", "sqlite") and item.rel in files:
+            children[parent].append(files[item.rel])
+        elif item.kind == "symlink":
+            children[parent].append({**_meta(item), "type": "symlink", "target": os.readlink(item.path)})
+    for item in sorted(dirs, key=lambda d: d.rel.count(b"/"), reverse=True):
+        entries = sorted(children.pop(item.rel, []), key=lambda e: e["name"])
+        tree = store_tree(repo, entries)
+        children[os.path.dirname(item.rel)].append({**_meta(item), "type": "dir", "tree": bytes(tree)})
+    return store_tree(repo, sorted(children.pop(b"", []), key=lambda e: e["name"]))
+
+
+def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,
+                     builder: _SnapshotBuilder, scan: Scan, repo: Repository,
+                     written: WriteStats) -> dict[str, Any]:
+    parent = _parent(repo, source, options.host)
+    stats = builder.stats
+    return {
+        "time": start.isoformat(),
+        "host": options.host,
+        "source": source,
+        "tags": sorted(set(options.tags)),
+        "parent": bytes(parent.id) if parent else None,
+        "tree": bytes(tree),
+        "tiers": stats.tiers,
+        "databases": builder.databases,
+        "partial": bool(scan.errors or builder.errors),
+        "errors": (scan.errors + builder.errors)[:100],
+        "stats": {**{k: v for k, v in asdict(stats).items() if k != "tiers"},
+                  "blobs_added": written.blobs_added, "raw_bytes_added": written.raw_bytes_added,
+                  "bytes_added": written.pack_bytes_written,
+                  "duration_s": round((options.now() - start).total_seconds(), 3)},
+        "program": "clubsnap 0.1.0",
+    }
+
+
+def _parent(repo: Repository, source: str, host: str) -> SnapshotInfo | None:
+    for snap in reversed(repo.snapshots()):
+        if snap.record.get("source") == source and snap.record.get("host") == host:
+            return snap
+    return None

@@ -1,0 +1,1 @@
+"""What a snapshot reads: the files of a club data dir, and its SQLite databases."""

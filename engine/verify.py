@@ -1,0 +1,153 @@
+"""Repository check: structure always, data on request.
+
+Structure: every indexed pack exists with the indexed size, every index object and
+snapshot record decodes and matches its name, every tree of every snapshot decodes and
+hashes right, and every chunk a file names is in the index. ``read_data`` additionally
+reads packs back and re-hashes every blob; a damaged blob is reported with the pack it
+sits in and the files (snapshot and path) that need it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import EngineError
+from .format import DATA_PREFIX, ChunkId, PackId, decode_blob, pack_key
+from .packs import verify_pack
+from .repository import Repository, SnapshotInfo
+from .tree import load_tree, walk
+
+
+@dataclass
+class CheckReport:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    snapshots: int = 0
+    trees: int = 0
+    packs: int = 0
+    packs_read: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check(repo: Repository, read_data: bool = False, subset: float | None = None,
+          progress: Callable[[int, int], None] | None = None,
+          rng: random.Random | None = None) -> CheckReport:
+    report = CheckReport()
+    try:
+        repo.sync_index()
+        snapshots = repo.snapshots()
+    except EngineError as exc:
+        report.errors.append(str(exc))
+        return report
+    report.snapshots = len(snapshots)
+    _check_packs(repo, report)
+    _check_snapshots(repo, snapshots, report)
+    if read_data or subset is not None:
+        bad = _read_packs(repo, report, subset, progress, rng or random.Random())
+        if bad:
+            _name_victims(repo, snapshots, bad, report)
+    return report
+
+
+def _check_packs(repo: Repository, report: CheckReport) -> None:
+    stored = {PackId.from_hex(key.rsplit("/", 1)[-1]): size for key, size in repo.backend.list(DATA_PREFIX)}
+    indexed = repo.catalog.packs()
+    report.packs = len(stored)
+    for pack, size in indexed.items():
+        if pack not in stored:
+            report.errors.append(f"{pack_key(pack)}: indexed pack is missing")
+        elif stored[pack] != size:
+            report.errors.append(f"{pack_key(pack)}: size {stored[pack]} differs from indexed {size}")
+    unindexed = len(set(stored) - set(indexed))
+    if unindexed:
+        report.warnings.append(f"{unindexed} pack(s) not in any index (left by an interrupted run; "
+                               f"their chunks are uploaded again when needed)")
+
+
+def _check_snapshots(repo: Repository, snapshots: list[SnapshotInfo], report: CheckReport) -> None:
+    seen_trees: set[ChunkId] = set()
+    seen_chunks: set[ChunkId] = set()
+    for snap in snapshots:
+        stack = [(b"", snap.tree)]
+        while stack:
+            prefix, tree = stack.pop()
+            if tree in seen_trees:
+                continue
+            seen_trees.add(tree)
+            try:
+                entries = load_tree(repo, tree)
+            except EngineError as exc:
+                report.errors.append(f"snapshot {snap.id.short()} {_show(prefix) or '/'}: {exc}")
+                continue
+            report.trees += 1
+            for entry in entries:
+                path = prefix + entry["name"]
+                if entry["type"] == "dir":
+                    stack.append((path + b"/", ChunkId(entry["tree"])))
+                elif entry["type"] == "file":
+                    _check_chunks(repo, snap, path, entry["chunks"], seen_chunks, report)
+
+
+def _check_chunks(repo: Repository, snap: SnapshotInfo, path: bytes, chunks: list[bytes],
+                  seen: set[ChunkId], report: CheckReport) -> None:
+    for raw in chunks:
+        chunk = ChunkId(raw)
+        if chunk in seen:
+            continue
+        if not repo.catalog.has_blob(chunk):
+            report.errors.append(f"snapshot {snap.id.short()} {_show(path)}: chunk {chunk.short()} missing")
+            return
+        seen.add(chunk)
+
+
+def _read_packs(repo: Repository, report: CheckReport, subset: float | None,
+                progress: Callable[[int, int], None] | None, rng: random.Random) -> set[ChunkId]:
+    """Read packs back; returns the ids of blobs that failed."""
+    packs = sorted(repo.catalog.packs())
+    if subset is not None:
+        packs = rng.sample(packs, max(1, round(len(packs) * subset))) if packs else []
+    bad: set[ChunkId] = set()
+    for number, pack in enumerate(packs, 1):
+        key = pack_key(pack)
+        try:
+            verify_pack(repo.backend.get(key), pack)
+        except EngineError as exc:
+            report.errors.append(str(exc))
+            bad |= _bad_blobs(repo, pack)
+        report.packs_read += 1
+        if progress:
+            progress(number, len(packs))
+    return bad
+
+
+def _bad_blobs(repo: Repository, pack: PackId) -> set[ChunkId]:
+    """Which blobs of a damaged pack fail on their own (the rest may still restore)."""
+    bad = set()
+    for entry in repo.catalog.blobs_in_pack(pack):
+        try:
+            decode_blob(repo.backend.get(pack_key(pack), entry.offset, entry.length), entry.id, "")
+        except EngineError:
+            bad.add(entry.id)
+    return bad
+
+
+def _name_victims(repo: Repository, snapshots: list[SnapshotInfo], bad: set[ChunkId],
+                  report: CheckReport) -> None:
+    for snap in snapshots:
+        try:
+            for path, entry in walk(repo, snap.tree):
+                if entry["type"] == "file" and bad & {ChunkId(c) for c in entry["chunks"]}:
+                    report.errors.append(f"snapshot {snap.id.short()} {_show(path)}: damaged data")
+        except EngineError:
+            continue  # a damaged tree is already reported by the structure check
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path)
+

@@ -1,0 +1,97 @@
+"""The backend contract (engine/backend.py docstring), run against every backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from engine.backend import Backend
+from engine.backends.fs import FsBackend
+from engine.errors import BackendError, ObjectNotFound, RepositoryExists
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "fs": lambda tmp: FsBackend(tmp / "store"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    yield BACKENDS[request.param](tmp_path)
+
+
+def test_put_then_get_whole_and_ranges(backend: Backend) -> None:
+    data = bytes(range(256)) * 40
+    backend.put("data/ab/abcdef", data)
+    assert backend.get("data/ab/abcdef") == data
+    assert backend.get("data/ab/abcdef", 100, 50) == data[100:150]
+    assert backend.get("data/ab/abcdef", len(data) - 10) == data[-10:]
+    assert backend.stat("data/ab/abcdef") == len(data)
+
+
+def test_range_past_end_is_an_error(backend: Backend) -> None:
+    backend.put("index/x", b"12345")
+    with pytest.raises(BackendError):
+        backend.get("index/x", 3, 10)
+
+
+def test_missing_object_raises_object_not_found(backend: Backend) -> None:
+    with pytest.raises(ObjectNotFound):
+        backend.get("index/nothing")
+    with pytest.raises(ObjectNotFound):
+        backend.stat("index/nothing")
+
+
+def test_list_by_prefix_gives_complete_objects_with_sizes(backend: Backend) -> None:
+    backend.put("snapshots/a", b"1")
+    backend.put("snapshots/b", b"22")
+    backend.put("index/c", b"333")
+    assert sorted(backend.list("snapshots/")) == [("snapshots/a", 1), ("snapshots/b", 2)]
+    assert list(backend.list("locks/")) == []
+
+
+def test_exclusive_put_refuses_to_replace(backend: Backend) -> None:
+    backend.put("config", b"first", exclusive=True)
+    with pytest.raises(RepositoryExists):
+        backend.put("config", b"second", exclusive=True)
+    assert backend.get("config") == b"first"
+
+
+def test_plain_put_replaces(backend: Backend) -> None:
+    backend.put("index/k", b"old")
+    backend.put("index/k", b"new")
+    assert backend.get("index/k") == b"new"
+
+
+def test_delete_is_idempotent(backend: Backend) -> None:
+    backend.put("index/gone", b"x")
+    backend.delete("index/gone")
+    backend.delete("index/gone")
+    with pytest.raises(ObjectNotFound):
+        backend.get("index/gone")
+
+
+def test_invalid_keys_are_rejected(backend: Backend) -> None:
+    for key in ("", "/abs", "data/../config"):
+        with pytest.raises(BackendError):
+            backend.put(key, b"x")
+
+
+def test_fs_put_never_exposes_partial_objects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies mid-way leaves no object and no listed temporary."""
+    store = FsBackend(tmp_path / "store")
+    original = FsBackend._write_synced
+
+    def dying_write(path: Path, data: bytes) -> None:
+        original(path, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FsBackend, "_write_synced", staticmethod(dying_write))
+    from engine.errors import StorageFull
+
+    with pytest.raises(StorageFull):
+        store.put("data/aa/aaaa", b"x" * 1000)
+    assert list(store.list("data/")) == []
+    with pytest.raises(ObjectNotFound):
+        store.get("data/aa/aaaa")

@@ -1,0 +1,167 @@
+"""Nothing lost: SIGKILL a real `clubsnap snapshot` at many points, then the repository
+checks clean and the next snapshot works; a flipped byte is caught and named."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from benchmarks.clubgen import generate
+from engine import Repository, check, create_snapshot
+from engine.backends.fs import FsBackend
+from engine.errors import BackendError
+from engine.format import DATA_PREFIX, PackId
+from engine.packs import read_trailer
+from engine.snapshot import SnapshotOptions
+
+from benchmarks.clubstate import blob_digests, club_state
+from .conftest import ROOT, Clock, reopen
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _bulky_data_dir(root: Path) -> Path:
+    """The tiny club plus ~48 MB of incompressible tarballs, so a snapshot lasts long
+    enough to be killed at many distinct moments."""
+    generate(root, "tiny", seed=5)
+    rng = random.Random(5)
+    for number in range(12):
+        artifacts = root / "blobs" / f"bulk_{number:02d}" / "1.0.0" / "artifacts"
+        artifacts.mkdir(parents=True)
+        (artifacts / "package.tar.gz").write_bytes(rng.randbytes(4 << 20))
+    return root
+
+
+def _spawn_snapshot(repo: Path, data: Path, cache: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "engine", "snapshot", str(data)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+
+def test_sigkill_at_many_points_leaves_a_valid_repository(cli: Cli, tmp_path: Path) -> None:
+    data = _bulky_data_dir(tmp_path / "data")
+    # Time one complete run to spread the kill points over its whole length.
+    probe_repo = tmp_path / "probe"
+    assert cli("init", repo=probe_repo).returncode == 0
+    started = time.monotonic()
+    assert _spawn_snapshot(probe_repo, data, tmp_path / "probe-cache").wait() == 0
+    duration = time.monotonic() - started
+
+    repo = tmp_path / "repo"
+    assert cli("init", repo=repo).returncode == 0
+    killed = 0
+    for point in range(12):
+        cache = tmp_path / f"cache-{point % 2}"  # alternate: shared and cold catalogs
+        process = _spawn_snapshot(repo, data, cache)
+        time.sleep(duration * (point + 0.5) / 12)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            killed += 1
+        process.wait()
+        result = cli("check", repo=repo)
+        assert result.returncode == 0, f"kill point {point}: {result.stdout}{result.stderr}"
+    assert killed >= 10
+
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    result = cli("check", "--read-data", repo=repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert cli("restore", "latest", "--target", str(tmp_path / "restored"), repo=repo).returncode == 0
+    assert club_state(tmp_path / "restored", live=False) == club_state(data, live=True)
+
+
+def test_killed_runs_upload_is_reused(cli: Cli, tmp_path: Path, clock: Clock) -> None:
+    """Chunks indexed before a kill are not uploaded again by the next run."""
+    data = _bulky_data_dir(tmp_path / "data")
+    repo = tmp_path / "repo"
+    cli("init", repo=repo)
+    process = _spawn_snapshot(repo, data, tmp_path / "cache")
+    deadline = time.monotonic() + 60
+    while not list((repo / "index").glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = Repository.open(FsBackend(repo), tmp_path / "inspect-1")
+    before.sync_index()
+    indexed = {e.id for p in before.catalog.packs() for e in before.catalog.blobs_in_pack(p)}
+    before.close()
+    assert indexed
+
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    after = Repository.open(FsBackend(repo), tmp_path / "inspect-2")
+    stored = [e.id for key, size in after.backend.list(DATA_PREFIX)
+              for e in read_trailer(after.backend, PackId.from_hex(key.rsplit("/", 1)[-1]), size)]
+    after.close()
+    assert all(stored.count(chunk) == 1 for chunk in indexed)
+
+
+class _DyingBackend(FsBackend):
+    """Fault injection on the real local backend: the process 'dies' at the Nth put."""
+
+    def __init__(self, root: Path, die_at: int) -> None:
+        super().__init__(root)
+        self.left = die_at
+
+    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise BackendError("injected crash")
+        super().put(key, data, exclusive=exclusive)
+
+
+def test_crash_at_every_write_leaves_a_valid_repository(tmp_path: Path, clock: Clock) -> None:
+    data = tmp_path / "data"
+    generate(data, "tiny", seed=3)
+    store = tmp_path / "repo"
+    Repository.init(FsBackend(store), tmp_path / "c0", clock).close()
+    writes = 0
+    while True:
+        repo = Repository.open(_DyingBackend(store, writes), tmp_path / f"c{writes % 3}")
+        options = SnapshotOptions(source=data, host="h", now=clock, temp_dir=tmp_path / "scratch")
+        try:
+            create_snapshot(repo, options)
+            break
+        except BackendError:
+            pass
+        finally:
+            repo.close()
+        verifier = Repository.open(FsBackend(store), tmp_path / "verify-cache")
+        report = check(verifier, read_data=True)
+        verifier.close()
+        assert report.ok, (writes, report.errors)
+        writes += 1
+        clock.advance(seconds=1)
+    assert writes >= 3
+
+
+def test_flipped_byte_fails_check_and_restore_naming_the_file(cli: Cli, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate(data, "tiny", seed=9)
+    repo = tmp_path / "repo"
+    cli("init", repo=repo)
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    # Damage the largest data pack in the middle of its content.
+    packs = sorted((p for p in (repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim = packs[-1]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(raw))
+
+    result = cli("check", "--read-data", repo=repo)
+    assert result.returncode == 18
+    assert victim.name in result.stdout and "blobs/" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert cli("check", repo=repo).returncode == 0  # structure alone cannot see it
+
+    restored = cli("restore", "latest", "--target", str(tmp_path / "t"), repo=repo)
+    assert restored.returncode == 12
+    assert victim.name in restored.stderr and "blobs/" in restored.stderr
+    assert len(restored.stderr.strip().splitlines()) == 1

@@ -1,0 +1,97 @@
+"""The on-disk format: docs/format.md and engine/format.py must agree, and readers must
+refuse what they do not understand."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from engine import format as fmt
+from engine import packs, repository
+from engine.backends.fs import FsBackend
+from engine.errors import IntegrityError, UnsupportedFormat
+
+SPEC = (Path(__file__).resolve().parent.parent / "docs" / "format.md").read_text()
+
+
+def _spec_constants() -> dict[str, str]:
+    section = SPEC.split("## 2. Constants", 1)[1].split("## 3.", 1)[0]
+    return dict(re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", section, re.MULTILINE))
+
+
+def test_spec_constants_match_code() -> None:
+    code = {
+        "FORMAT_VERSION": str(fmt.FORMAT_VERSION), "ID_SIZE": str(fmt.ID_SIZE),
+        "OBJECT_MAGIC": fmt.OBJECT_MAGIC.decode(), "PACK_MAGIC": fmt.PACK_MAGIC.decode(),
+        "PACK_FOOTER_MAGIC": fmt.PACK_FOOTER_MAGIC.decode(),
+        "MIN_COMPRESSION_GAIN": str(fmt.MIN_COMPRESSION_GAIN),
+        "TARGET_PACK_SIZE": str(packs.TARGET_PACK_SIZE),
+        "PACKS_PER_INDEX": str(repository.PACKS_PER_INDEX),
+    }
+    assert _spec_constants() == code
+
+
+def test_spec_names_every_object_kind() -> None:
+    for kind in fmt.Kind:
+        assert f"{int(kind)} {kind.name.lower().replace('_', ' ')}" in SPEC
+
+
+def test_sealed_object_round_trip_and_compression() -> None:
+    record = {"a": b"\x00" * 1000, "b": [1, 2, 3], "c": "text"}
+    sealed = fmt.seal_object(fmt.Kind.INDEX, record)
+    assert sealed[:4] == b"CSNP" and sealed[4] == fmt.FORMAT_VERSION and sealed[6] & fmt.Flag.LZ4
+    assert fmt.open_object(fmt.Kind.INDEX, sealed, "t") == record
+
+
+def test_reader_refuses_unknown_version_flags_kind_and_magic() -> None:
+    sealed = bytearray(fmt.seal_object(fmt.Kind.CONFIG, {"x": 1}))
+    newer = bytes(sealed[:4]) + bytes([fmt.FORMAT_VERSION + 1]) + bytes(sealed[5:])
+    with pytest.raises(UnsupportedFormat, match="format version"):
+        fmt.open_object(fmt.Kind.CONFIG, newer, "t")
+    encrypted = bytes(sealed[:6]) + bytes([fmt.Flag.ENCRYPTED]) + bytes(sealed[7:])
+    with pytest.raises(UnsupportedFormat, match="flags"):
+        fmt.open_object(fmt.Kind.CONFIG, encrypted, "t")
+    with pytest.raises(IntegrityError, match="expected a snapshot"):
+        fmt.open_object(fmt.Kind.SNAPSHOT, bytes(sealed), "t")
+    with pytest.raises(IntegrityError, match="magic"):
+        fmt.open_object(fmt.Kind.CONFIG, b"XXXX" + bytes(sealed[4:]), "t")
+
+
+def test_incompressible_blobs_are_stored_raw() -> None:
+    import os
+
+    raw = os.urandom(10_000)
+    stored = fmt.encode_blob(raw)
+    assert stored[0] == 0 and stored[1:] == raw
+    text = b"dart package " * 1000
+    assert fmt.encode_blob(text)[0] == fmt.Flag.LZ4
+
+
+def test_blob_decode_checks_the_hash() -> None:
+    raw = b"hello club" * 100
+    stored = bytearray(fmt.encode_blob(raw))
+    assert fmt.decode_blob(bytes(stored), fmt.chunk_id(raw), "t") == raw
+    with pytest.raises(IntegrityError):
+        fmt.decode_blob(bytes(stored), fmt.chunk_id(b"other"), "t")
+
+
+def test_pack_trailer_rebuilds_the_index(tmp_path: Path) -> None:
+    builder = packs.PackBuilder(fmt.BlobType.DATA)
+    raws = [bytes([i]) * (1000 + i) for i in range(5)]
+    for raw in raws:
+        builder.add(fmt.chunk_id(raw), fmt.encode_blob(raw), len(raw))
+    pack_id, data, entries = builder.finish()
+    backend = FsBackend(tmp_path)
+    backend.put(fmt.pack_key(pack_id), data)
+    assert packs.read_trailer(backend, pack_id, len(data)) == entries
+    assert packs.verify_pack(data, pack_id) == entries
+
+
+def test_snapshot_keys_sort_by_time() -> None:
+    early = fmt.snapshot_key(datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc), fmt.SnapshotId(b"\xff" * 32))
+    late = fmt.snapshot_key(datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=timezone.utc), fmt.SnapshotId(b"\x00" * 32))
+    assert early < late
+    assert fmt.parse_snapshot_key(early)[0] == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)

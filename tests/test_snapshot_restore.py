@@ -1,0 +1,181 @@
+"""Snapshot -> one day of activity -> snapshot -> restore each "as of" its time, on a
+generated club data dir with a real club.db (WAL left behind by a writer)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from benchmarks.clubgen import generate, one_day
+from engine import Repository, apply_restore, create_snapshot, plan_restore, snapshot_at
+from engine.chunker import chunk_stream
+from engine.format import DATA_PREFIX, PackId, chunk_id
+from engine.packs import read_trailer
+from engine.snapshot import SnapshotOptions
+from engine.tree import walk
+
+from benchmarks.clubstate import blob_digests, club_state
+from .conftest import Clock, reopen
+
+
+def _options(data: Path, clock: Clock, tmp_path: Path, **extra: object) -> SnapshotOptions:
+    return SnapshotOptions(source=data, host="test-host", now=clock, temp_dir=tmp_path / "scratch", **extra)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    generate(root, "tiny", seed=11)
+    time.sleep(0.1)  # past the files cache's racy-timestamp window
+    return root
+
+
+def _restore(repo: Repository, snap, target: Path, **kwargs):  # type: ignore[no-untyped-def]
+    plan = plan_restore(repo, snap, target, **kwargs)
+    return plan, apply_restore(repo, plan)
+
+
+def test_restore_each_snapshot_as_of_its_time(repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    first_state = club_state(data, live=True)
+    first = create_snapshot(repo, _options(data, clock, tmp_path)).info
+    clock.advance(days=1)
+    one_day(data, seed=11, day=1)
+    assert (data / "db" / "club.db-wal").stat().st_size > 0
+    second_state = club_state(data, live=True)
+    assert second_state != first_state
+    second = create_snapshot(repo, _options(data, clock, tmp_path)).info
+
+    snaps = repo.snapshots()
+    assert snapshot_at(snaps, first.time + timedelta(hours=3)).id == first.id
+    assert snapshot_at(snaps, second.time + timedelta(seconds=1)).id == second.id
+    for snap, expected in ((first, first_state), (second, second_state)):
+        target = tmp_path / f"restore-{snap.id.short()}"
+        _restore(repo, snapshot_at(snaps, snap.time), target)
+        assert club_state(target, live=False) == expected
+        assert not (target / "tmp").exists() and not (target / "cache").exists()
+        assert not list(target.rglob("*.tmp.*"))
+        assert not (target / "db" / "club.db-wal").exists()
+
+
+def test_unchanged_second_snapshot_reads_no_files_and_adds_almost_nothing(
+        repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    create_snapshot(repo, _options(data, clock, tmp_path))
+    size_before = sum(size for _, size in repo.backend.list(""))
+    clock.advance(minutes=5)
+    result = create_snapshot(repo, _options(data, clock, tmp_path))
+    size_after = sum(size for _, size in repo.backend.list(""))
+    db_bytes = sum(d["page_size"] * d["page_count"] for d in result.info.record["databases"])
+    assert result.stats["bytes_read"] == db_bytes  # only SQLite, read through SQLite
+    assert result.stats["files_unmodified"] == result.stats["files"]
+    # At most a new tree for db/, whose mtime moves when SQLite creates and removes a WAL
+    # for our reader; no file data.
+    assert result.stats["raw_bytes_added"] < 1024
+    assert size_after - size_before < 4096
+
+
+def test_tarball_in_two_snapshots_is_stored_once(repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    create_snapshot(repo, _options(data, clock, tmp_path))
+    clock.advance(days=1)
+    one_day(data, seed=11, day=1)
+    create_snapshot(repo, _options(data, clock, tmp_path))
+    tarball = sorted(data.glob("blobs/*/*/artifacts/package.tar.gz"))[0]
+    with open(tarball, "rb") as handle:
+        wanted = {chunk_id(c) for c in chunk_stream(handle, "cdc", repo.config.chunker)}
+    stored = [entry.id for key, size in repo.backend.list(DATA_PREFIX)
+              for entry in read_trailer(repo.backend, PackId.from_hex(key.rsplit("/", 1)[-1]), size)]
+    assert all(stored.count(c) == 1 for c in wanted)
+    snaps = repo.snapshots()
+    rel = str(tarball.relative_to(data)).encode()
+    in_both = [[e["chunks"] for p, e in walk(repo, s.tree) if p == rel] for s in snaps]
+    assert in_both[0] == in_both[1] and in_both[0]
+
+
+def test_rollback_over_newer_target_fetches_only_differing_chunks(
+        repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    first = create_snapshot(repo, _options(data, clock, tmp_path)).info
+    clock.advance(days=1)
+    one_day(data, seed=11, day=1)
+    second = create_snapshot(repo, _options(data, clock, tmp_path)).info
+
+    full_target = tmp_path / "fresh"
+    _, fresh = _restore(repo, first, full_target)
+    target = tmp_path / "rollback"
+    _restore(repo, second, target)
+    local = set()
+    for path in target.rglob("*"):
+        if path.is_file():
+            method = "fixed" if path.name == "club.db" else "cdc"
+            with open(path, "rb") as handle:
+                local |= {chunk_id(c) for c in chunk_stream(handle, method, repo.config.chunker)}
+    needed = {c for p, e in walk(repo, first.tree) if e["type"] == "file" for c in e["chunks"]} - local
+
+    plan, result = _restore(repo, first, target, delete=True)
+    fetched_ids = {b.id for blobs in plan.fetch.values() for b in blobs}
+    assert fetched_ids == needed
+    assert result.bytes_fetched == plan.bytes_to_fetch
+    assert result.bytes_fetched < fresh.bytes_fetched * 0.75  # tiny db: a day rewrites ~1/3 of it
+    assert result.bytes_reused > 0
+    assert club_state(target, live=False) == club_state(full_target, live=False)
+    assert blob_digests(target) == blob_digests(full_target)  # --delete removed day-2 files
+
+
+def test_partial_restore_of_one_package_and_of_the_database(
+        repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    snap = create_snapshot(repo, _options(data, clock, tmp_path)).info
+    package = sorted(p.name for p in (data / "blobs").iterdir())[0]
+    target = tmp_path / "partial"
+    plan, _ = _restore(repo, snap, target, includes=[f"blobs/{package}", "db/club.db"])
+    restored = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+    assert "db/club.db" in restored
+    assert all(r == "db/club.db" or r.startswith(f"blobs/{package}/") for r in restored)
+    source = {k: v for k, v in blob_digests(data).items() if k.startswith(f"blobs/{package}/")}
+    assert blob_digests(target) == source
+
+
+def test_restore_moves_a_stale_wal_aside_instead_of_letting_sqlite_replay_it(
+        repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    snap = create_snapshot(repo, _options(data, clock, tmp_path)).info
+    expected = club_state(data, live=True)["db"]
+    target = tmp_path / "target"
+    shutil.copytree(data, target)
+    one_day(target, seed=11, day=1)  # leaves a -wal with newer commits beside club.db
+    assert (target / "db" / "club.db-wal").exists()
+    _, result = _restore(repo, snap, target, includes=["db/club.db"])
+    assert not (target / "db" / "club.db-wal").exists() and not (target / "db" / "club.db-shm").exists()
+    assert any(p.endswith("-wal") for p in result.moved_aside)
+    assert club_state(target, live=False)["db"] == expected
+
+
+def test_catalog_loss_is_harmless(repo: Repository, data: Path, clock: Clock, tmp_path: Path,
+                                  cache_dir: Path) -> None:
+    snap = create_snapshot(repo, _options(data, clock, tmp_path)).info
+    repo.close()
+    shutil.rmtree(cache_dir)
+    fresh = reopen(repo, cache_dir)
+    assert [s.id for s in fresh.snapshots()] == [snap.id]
+    target = tmp_path / "after-cache-loss"
+    _restore(fresh, fresh.find_snapshot("latest"), target)
+    assert blob_digests(target) == blob_digests(data)
+    fresh.close()
+
+
+def test_snapshot_is_consistent_while_a_writer_process_runs(
+        repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
+    from benchmarks.clubgen import LiveWriter
+
+    with LiveWriter(data, interval=0.002) as writer:
+        time.sleep(0.3)
+        snap = create_snapshot(repo, _options(data, clock, tmp_path)).info
+        time.sleep(0.2)
+    assert writer.commits > 0
+    target = tmp_path / "live"
+    _restore(repo, snap, target, includes=["db/club.db"])
+    state = club_state(target, live=False)["db"]
+    assert state["integrity_check"] == "ok" and state["user_version"] == "3"
+    assert os.path.getsize(target / "db" / "club.db") == snap.record["databases"][0]["page_size"] * \
+        snap.record["databases"][0]["page_count"]

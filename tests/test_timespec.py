@@ -1,0 +1,38 @@
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from engine.errors import UsageError
+from engine.timespec import parse_time
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2026-04-09T14:00+02:00", datetime(2026, 4, 9, 12, 0, tzinfo=timezone.utc)),
+    ("2026-04-09T12:00:30Z", datetime(2026, 4, 9, 12, 0, 30, tzinfo=timezone.utc)),
+    ("2h ago", NOW - timedelta(hours=2)),
+    ("3 days ago", NOW - timedelta(days=3)),
+    ("90m ago", NOW - timedelta(minutes=90)),
+    ("1 week ago", NOW - timedelta(weeks=1)),
+    ("now", NOW),
+])
+def test_absolute_and_relative_forms(text: str, expected: datetime) -> None:
+    assert parse_time(text, NOW) == expected
+
+
+def test_naive_time_is_local_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = parse_time("2026-04-09T14:00", NOW)
+    assert parsed == datetime(2026, 4, 9, 14, 0).astimezone()
+
+
+def test_date_alone_means_end_of_that_day() -> None:
+    parsed = parse_time("2026-04-09", NOW)
+    local = parsed.astimezone(datetime(2026, 4, 9).astimezone().tzinfo)
+    assert (local.date().isoformat(), local.hour, local.minute) == ("2026-04-09", 23, 59)
+
+
+@pytest.mark.parametrize("text", ["yesterday-ish", "5 fortnights ago", "2026-13-01"])
+def test_bad_times_are_usage_errors(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_time(text, NOW)
