@@ -18,7 +18,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,25 +34,19 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _measured(work: Path, *args: str) -> dict[str, Any]:
-    """One clubsnap command as a child process: wall, CPU and peak RSS from its own rusage."""
+    """One clubsnap command as a child process, measured by benchmarks.measure."""
     env = {**os.environ, "CLUBSNAP_REPO": str(work / "repo"), "CLUBSNAP_CACHE_DIR": str(work / "cache"),
            "PYTHONPATH": str(ROOT)}
     repo_before = _dir_bytes(work / "repo") if (work / "repo").exists() else 0
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        started = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", "engine", "--json", *args], env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.monotonic() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if child.returncode != 0:
-        raise SystemExit(f"bench: clubsnap {' '.join(args)} failed: {stderr.decode().strip()}")
-    return {"wall_s": round(wall, 3), "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "repo_bytes_added": _dir_bytes(work / "repo") - repo_before,
-            "output": json.loads(stdout) if stdout.strip() else None}
+    figures = work / "measure.json"
+    command = [sys.executable, "-m", "benchmarks.measure", str(figures),
+               sys.executable, "-m", "engine", "--json", *args]
+    result = subprocess.run(command, env=env, capture_output=True, cwd=ROOT)
+    measured = json.loads(figures.read_text())
+    if measured.pop("exit_code") != 0:
+        raise SystemExit(f"bench: clubsnap {' '.join(args)} failed: {result.stderr.decode().strip()}")
+    return {**measured, "repo_bytes_added": _dir_bytes(work / "repo") - repo_before,
+            "output": json.loads(result.stdout) if result.stdout.strip() else None}
 
 
 def scenario(size: str, work: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ class Backend(ABC):
         """Human-readable location for messages (a path or URL, no secrets)."""
 
     @abstractmethod
-    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: bytes | bytearray, *, exclusive: bool = False) -> None:
         """Store ``data`` under ``key`` atomically and durably."""
 
     @abstractmethod

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import sqlite_utils
 
+from .errors import EngineError
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
@@ -37,14 +38,18 @@ class Catalog:
     """Thread-safe wrapper over one SQLite connection (snapshot workers share it)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        self._db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
-        self._create_schema()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._db = sqlite_utils.Database(conn)
+            self._create_schema()
+        except (OSError, sqlite3.Error) as exc:
+            raise EngineError(f"local catalog {path} is unusable ({exc}); "
+                              f"choose another with --cache-dir or CLUBSNAP_CACHE_DIR") from exc
 
     def _create_schema(self) -> None:
         db = self._db

@@ -19,7 +19,7 @@ from typing import BinaryIO, Iterator
 
 from fastcdc.fastcdc_cy import fastcdc_cy
 
-READ_SIZE = 8 << 20
+READ_SIZE = 4 << 20  # must stay above cdc_max; bounds memory per reader thread
 
 
 @dataclass(frozen=True)

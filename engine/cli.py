@@ -237,13 +237,22 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 # ---- parser -----------------------------------------------------------------------------------
 
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--repo", "-r", default=default, help="repository location (default: $CLUBSNAP_REPO)")
+    options.add_argument("--cache-dir", default=default,
+                         help="local catalog directory (default: $XDG_CACHE_HOME/clubsnap)")
+    options.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--repo", "-r", help="repository location (default: $CLUBSNAP_REPO)")
-    common.add_argument("--cache-dir", help="local catalog directory (default: $XDG_CACHE_HOME/clubsnap)")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    parser = argparse.ArgumentParser(prog="clubsnap", parents=[common],
+    parser = argparse.ArgumentParser(prog="clubsnap", parents=[_global_options(None)],
                                      description="Incremental, deduplicating snapshots of a club data directory.")
+    parser.set_defaults(repo=None, cache_dir=None, json=False)
+    # Repeated on every command, so they may come after it too; SUPPRESS keeps a value
+    # given before the command from being reset by the command's own default.
+    common = _global_options(argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:

@@ -102,7 +102,7 @@ def chunk_id(data: bytes | memoryview) -> ChunkId:
     return ChunkId(blake3.blake3(data).digest())
 
 
-def digest(data: bytes | memoryview) -> bytes:
+def digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 

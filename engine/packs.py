@@ -62,12 +62,13 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def finish(self) -> tuple[PackId, bytes, list[BlobEntry]]:
+    def finish(self) -> tuple[PackId, bytearray, list[BlobEntry]]:
+        """Close the pack; the buffer is handed over, not copied (packs are 16 MiB)."""
         rows = [[bytes(i), int(self.blob_type), off, ln, raw] for i, off, ln, raw in self._rows]
         trailer = seal_object(Kind.PACK_TRAILER, rows)
         self._buffer += trailer
         self._buffer += PACK_FOOTER.pack(len(trailer), PACK_FOOTER_MAGIC)
-        data = bytes(self._buffer)
+        data = self._buffer
         pack_id = PackId(digest(data))
         entries = [BlobEntry(i, self.blob_type, pack_id, off, ln, raw) for i, off, ln, raw in self._rows]
         return pack_id, data, entries

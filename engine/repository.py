@@ -91,6 +91,7 @@ class Repository:
         self.stats = WriteStats()
         self._lock = threading.Lock()
         self._index_lock = threading.Lock()
+        self._upload_lock = threading.Lock()
         self._session_ids: set[ChunkId] = set()
         self._uploaded: dict[ChunkId, BlobEntry] = {}
         self._unindexed: list[tuple[PackId, int, list[BlobEntry]]] = []
@@ -103,8 +104,13 @@ class Repository:
              chunker: ChunkerParams | None = None) -> "Repository":
         config = RepoConfig(secrets.token_hex(16), now().astimezone(timezone.utc).isoformat(),
                             chunker or ChunkerParams())
-        backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record()), exclusive=True)
-        return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"))
+        catalog = Catalog(cache_root / config.repo_id / "catalog.db")  # fail before writing anything
+        try:
+            backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record()), exclusive=True)
+        except BaseException:
+            catalog.close()
+            raise
+        return cls(backend, config, catalog)
 
     @classmethod
     def open(cls, backend: Backend, cache_root: Path) -> "Repository":
@@ -193,8 +199,11 @@ class Repository:
         return blob_id
 
     def _upload(self, builder: PackBuilder) -> None:
-        pack_id, data, entries = builder.finish()
-        self.backend.put(pack_key(pack_id), data)
+        # One upload at a time: a reader thread that fills a pack meanwhile waits here,
+        # which bounds memory to a few packs however fast the files are read.
+        with self._upload_lock:
+            pack_id, data, entries = builder.finish()
+            self.backend.put(pack_key(pack_id), data)
         with self._lock:
             self.stats.packs_written += 1
             self.stats.pack_bytes_written += len(data)

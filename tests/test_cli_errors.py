@@ -112,3 +112,16 @@ def test_unreadable_file_gives_partial_snapshot(tmp_path: Path, monkeypatch: pyt
     assert cli_module.main(["restore", "latest", "--target", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "blobs" / "pkg" / "1.0.0" / "artifacts" / "package.tar.gz").read_bytes() == b"tar" * 1000
     assert not (tmp_path / "t" / "blobs" / "pkg" / "1.0.0" / "artifacts" / "secret.bin").exists()
+
+
+def test_unusable_cache_dir(cli: Cli, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    result = cli("init", repo=tmp_path / "repo", env={"CLUBSNAP_CACHE_DIR": str(blocker)})
+    _one_line_error(result, 1, "local catalog")
+    assert not (tmp_path / "repo" / "config").exists()
+
+
+def test_repository_path_that_is_a_file(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    _one_line_error(cli("snapshots", repo=tmp_path / "file"), 13, "Not a directory")

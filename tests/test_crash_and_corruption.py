@@ -47,33 +47,34 @@ def _spawn_snapshot(repo: Path, data: Path, cache: Path) -> subprocess.Popen[byt
 
 
 def test_sigkill_at_many_points_leaves_a_valid_repository(cli: Cli, tmp_path: Path) -> None:
+    """Twelve kill moments spread over a full run, each into a repository that already
+    holds an earlier, killed attempt; after each: check passes, a new run completes."""
     data = _bulky_data_dir(tmp_path / "data")
-    # Time one complete run to spread the kill points over its whole length.
     probe_repo = tmp_path / "probe"
     assert cli("init", repo=probe_repo).returncode == 0
     started = time.monotonic()
     assert _spawn_snapshot(probe_repo, data, tmp_path / "probe-cache").wait() == 0
     duration = time.monotonic() - started
 
-    repo = tmp_path / "repo"
-    assert cli("init", repo=repo).returncode == 0
     killed = 0
     for point in range(12):
-        cache = tmp_path / f"cache-{point % 2}"  # alternate: shared and cold catalogs
+        repo = tmp_path / f"repo-{point}"
+        assert cli("init", repo=repo).returncode == 0
+        cache = tmp_path / f"cache-{point}"
         process = _spawn_snapshot(repo, data, cache)
-        time.sleep(duration * (point + 0.5) / 12)
+        time.sleep(duration * (point + 0.5) / 13)
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             killed += 1
         process.wait()
         result = cli("check", repo=repo)
         assert result.returncode == 0, f"kill point {point}: {result.stdout}{result.stderr}"
+        assert _spawn_snapshot(repo, data, cache if point % 2 else tmp_path / f"cold-{point}").wait() == 0
+        result = cli("check", "--read-data" if point % 4 == 0 else "--read-data-subset=50%", repo=repo)
+        assert result.returncode == 0, f"after kill point {point}: {result.stdout}{result.stderr}"
     assert killed >= 10
 
-    assert cli("snapshot", str(data), repo=repo).returncode == 0
-    result = cli("check", "--read-data", repo=repo)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert cli("restore", "latest", "--target", str(tmp_path / "restored"), repo=repo).returncode == 0
+    assert cli("restore", "latest", "--target", str(tmp_path / "restored"), repo=tmp_path / "repo-6").returncode == 0
     assert club_state(tmp_path / "restored", live=False) == club_state(data, live=True)
 
 

@@ -27,7 +27,7 @@ class FsBackend(Backend):
             raise BackendError(f"invalid object key {key!r}")
         return self._root / key
 
-    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: bytes | bytearray, *, exclusive: bool = False) -> None:
         path = self._path(key)
         try:
             self._ensure_dir(path.parent)
@@ -43,14 +43,14 @@ class FsBackend(Backend):
             finally:
                 if temp.exists():
                     temp.unlink()
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except FileExistsError as exc:
             raise RepositoryExists(f"{path} already exists") from exc
         except OSError as exc:
             raise from_os_error(exc, f"writing {path}") from exc
 
     @staticmethod
-    def _write_synced(path: Path, data: bytes) -> None:
+    def _write_synced(path: Path, data: bytes | bytearray) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
@@ -68,7 +68,7 @@ class FsBackend(Backend):
             directory.mkdir()
         except FileExistsError:
             return
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
 
     def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
@@ -121,10 +121,10 @@ class FsBackend(Backend):
             return
         except OSError as exc:
             raise from_os_error(exc, f"deleting {path}") from exc
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | bytes | os.PathLike[str]) -> None:
     """Make a rename or create in ``directory`` durable (POSIX needs the dir fsynced)."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

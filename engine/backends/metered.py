@@ -34,7 +34,7 @@ class MeteredBackend(Backend):
     def location(self) -> str:
         return self.inner.location
 
-    def put(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+    def put(self, key: str, data: bytes | bytearray, *, exclusive: bool = False) -> None:
         self.inner.put(key, data, exclusive=exclusive)
         self._count("put", written=len(data))
 
