@@ -82,12 +82,17 @@ def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResul
     repo.sync_index()
     source_key = os.fsdecode(root)
     cache = repo.catalog.load_files(source_key)
-    scan = Scan()
-    for tier in tiers_for(options.include_logs):
-        scan_tier(root, tier, scan)
     builder = _SnapshotBuilder(repo, options, cache)
+    # The consistent-cut rule: the databases are captured before the blobs are even
+    # listed, so every tarball a captured row names was already written (club commits
+    # the row first, then writes the blob).
+    scan = Scan()
+    scan_tier(root, "db", scan)
+    entries = builder.capture_databases(scan)
+    for tier in tiers_for(options.include_logs):
+        if tier != "db":
+            scan_tier(root, tier, scan)
     builder.files_total = len(scan.files) + len(scan.databases)
-    entries = builder.capture_databases(scan)  # DB first: the consistent-cut rule
     entries.update(builder.read_files(scan))
     tree = _build_trees(repo, scan.items, entries)
     repo.flush()  # every pack and index durable, and counted, before the record is written
