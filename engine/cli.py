@@ -27,6 +27,9 @@ from .timespec import parse_time
 from .verify import check
 
 
+PLAN_LINES = 40  # a dry run's text shows this many actions; --json shows all
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -170,8 +173,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def _plan_text(plan: Any, summary: dict[str, Any]) -> str:
     lines = [f"plan: restore snapshot {plan.snapshot.id.short()} ({plan.snapshot.time.astimezone():%Y-%m-%d %H:%M:%S %Z}) "
              f"into {plan.target}"]
-    lines += [f"  write   {os.fsdecode(f.rel)} ({f.entry['size']:,} bytes)" for f in plan.to_write]
-    lines += [f"  delete  {os.fsdecode(p)}" for p in plan.deletions]
+    actions = [f"  write   {os.fsdecode(f.rel)} ({f.entry['size']:,} bytes)" for f in plan.to_write]
+    actions += [f"  delete  {os.fsdecode(p)}" for p in plan.deletions]
+    lines += actions[:PLAN_LINES]
+    if len(actions) > PLAN_LINES:
+        lines.append(f"  … and {len(actions) - PLAN_LINES} more (--json lists every one)")
     lines.append(f"{summary['files_to_write']} file(s) to write, {summary['files_unchanged']} already identical, "
                  f"{summary['deletions']} to delete; {summary['bytes_to_fetch']:,} bytes to fetch, "
                  f"{summary['bytes_reused']:,} bytes reused from the target")

@@ -148,6 +148,7 @@ class _SnapshotBuilder:
                 image.path.unlink(missing_ok=True)
             entries[item.rel] = _file_entry(item, size, chunks, FIXED) | {"sqlite": image.info}
             self.databases.append({"path": item.rel, **image.info})
+            self.stats.bytes_total += size
             unchanged = self.repo.stats.blobs_added == added_before
             self._count(item.rel, size, read=size, unchanged=unchanged, changed=not unchanged)
             self.seen.add(item.rel)
