@@ -8,7 +8,7 @@ from .chunker import ChunkerParams
 from .diff import diff_trees
 from .errors import EngineError
 from .repository import Repository, SnapshotInfo
-from .restore import apply_restore, plan_restore, snapshot_at
+from .restore import apply_restore, plan_restore
 from .snapshot import SnapshotOptions, create_snapshot
 from .stats import repository_stats
 from .timespec import parse_time
@@ -29,5 +29,4 @@ __all__ = [
     "parse_time",
     "plan_restore",
     "repository_stats",
-    "snapshot_at",
 ]

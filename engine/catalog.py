@@ -12,7 +12,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import sqlite_utils
 
@@ -149,12 +149,10 @@ class Catalog:
         with self._lock:
             self._db.conn.executemany("DELETE FROM snapshots WHERE key=?", [(k,) for k in keys])
 
-    def snapshot_records(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """All cached records, oldest first."""
+    def snapshot_record(self, key: str) -> dict[str, Any] | None:
         with self._lock:
-            rows = self._db.execute("SELECT key, record FROM snapshots ORDER BY time_us, key").fetchall()
-        for key, record in rows:
-            yield key, unpack_record(record, f"catalog record {key}")
+            row = self._db.execute("SELECT record FROM snapshots WHERE key=?", [key]).fetchone()
+        return None if row is None else dict(unpack_record(row[0], f"catalog record {key}"))
 
     # ---- files cache -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import socket
+import sqlite3
 import sys
 import time
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ from . import errors
 from .backend import open_backend
 from .diff import diff_trees
 from .repository import Repository
-from .restore import apply_restore, plan_restore, snapshot_at
+from .restore import apply_restore, plan_restore
 from .snapshot import Progress, SnapshotOptions, create_snapshot
 from .stats import repository_stats
 from .timespec import parse_time
@@ -148,7 +149,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise errors.UsageError("give a snapshot id, 'latest', or --at TIME (exactly one)")
     repo = _open(args)
     if args.at:
-        snap = snapshot_at(repo.snapshots(), parse_time(args.at, _now()))
+        snap = repo.snapshot_at(parse_time(args.at, _now()))
     else:
         snap = repo.find_snapshot(args.snapshot)
     plan = plan_restore(repo, snap, Path(args.target), args.include, args.delete)
@@ -295,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # File names need not be UTF-8; show odd bytes escaped rather than crash on them.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
@@ -302,6 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.EngineError as exc:
         print(f"clubsnap: {exc}", file=sys.stderr)
         return exc.exit_code
+    except sqlite3.Error as exc:  # the local catalog failed after it opened (locked, disk)
+        print(f"clubsnap: local catalog error: {exc} (it is a cache: --cache-dir elsewhere works)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("clubsnap: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,8 @@ keeps its traceback.
     ├── SourceError (15)                data dir missing or unusable as a whole
     ├── TargetInUse (16)                restore target database is open by a process
     ├── StorageFull (17)                ENOSPC / quota while writing
-    └── CheckFailed (18)                check found problems (details in the report)
+    ├── CheckFailed (18)                check found problems (details in the report)
+    └── TargetError (19)                restore target cannot be written as planned
 
 A snapshot that completed but skipped unreadable files is not an exception: it is a
 result with ``partial=True``, which the CLI reports with exit code 3.
@@ -88,6 +89,10 @@ class StorageFull(EngineError):
 
 class CheckFailed(EngineError):
     exit_code = 18
+
+
+class TargetError(EngineError):
+    exit_code = 19
 
 
 def from_os_error(exc: OSError, what: str) -> EngineError:

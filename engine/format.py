@@ -98,6 +98,12 @@ class SnapshotId(ObjectId):
     """Id of a snapshot: blake3-256 of its encoded record."""
 
 
+def display(path: bytes) -> str:
+    """A path for messages and records: file names need not be UTF-8, so odd bytes are
+    shown escaped (msgpack and terminals take only valid text)."""
+    return path.decode("utf-8", "backslashreplace")
+
+
 def chunk_id(data: bytes | memoryview) -> ChunkId:
     return ChunkId(blake3.blake3(data).digest())
 

@@ -19,7 +19,7 @@ from .backend import Backend
 from .backends.metered import MeteredBackend
 from .catalog import Catalog
 from .chunker import ChunkerParams
-from .errors import IntegrityError, ObjectNotFound, RepositoryNotFound, SnapshotNotFound
+from .errors import IntegrityError, ObjectNotFound, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
 from .format import (
     CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, BlobType, ChunkId,
     Kind, PackId, SnapshotId, chunk_id, decode_blob, digest, encode_blob, index_key,
@@ -120,6 +120,9 @@ class Repository:
             raise RepositoryNotFound(
                 f"no clubsnap repository at {backend.location} (run 'clubsnap init' first)") from exc
         record = open_object(Kind.CONFIG, data, f"{backend.location}/{CONFIG_KEY}")
+        if record.get("encryption", "none") != "none":
+            raise UnsupportedFormat(f"{backend.location}: encryption {record['encryption']!r} "
+                                    f"is not supported by this clubsnap")
         config = RepoConfig.from_record(record)
         return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"))
 
@@ -134,8 +137,10 @@ class Repository:
         Reads only index objects the catalog has not seen. If one it had seen is gone
         (a prune consolidated it), the catalog's index is rebuilt from scratch.
         """
-        present = {key[len(INDEX_PREFIX):] for key, _ in self.backend.list(INDEX_PREFIX)}
+        # Read what the catalog knows before listing: an index object another process
+        # records meanwhile is then in the listing too, never mistaken for a deleted one.
         known = self.catalog.index_object_names()
+        present = {key[len(INDEX_PREFIX):] for key, _ in self.backend.list(INDEX_PREFIX)}
         if known - present:
             self.catalog.clear_index()
             known = set()
@@ -267,36 +272,59 @@ class Repository:
         self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record)
         return SnapshotInfo(snap_id, key, time, record)
 
-    def snapshots(self) -> list[SnapshotInfo]:
-        """All snapshots, oldest first: one LIST, and a GET only for records not cached."""
-        present = {key for key, _ in self.backend.list(SNAPSHOT_PREFIX)}
-        cached = self.catalog.snapshot_keys()
-        self.catalog.remove_snapshots(cached - present)
-        for key in sorted(present - cached):
-            time, snap_id = parse_snapshot_key(key)
+    def snapshot_keys(self) -> list[tuple[datetime, SnapshotId, str]]:
+        """Every snapshot's time, id and key, oldest first, from one LIST: no record read."""
+        keys = [(*parse_snapshot_key(key), key) for key, _ in self.backend.list(SNAPSHOT_PREFIX)]
+        return sorted(keys, key=lambda k: (k[0], k[2]))
+
+    def load_snapshot(self, key: str) -> SnapshotInfo:
+        """One snapshot record: from the catalog, or one GET checked against its id."""
+        time, snap_id = parse_snapshot_key(key)
+        record = self.catalog.snapshot_record(key)
+        if record is None:
             data = self.backend.get(key)
             if SnapshotId(digest(data)) != snap_id:
                 raise IntegrityError(f"{key}: snapshot record does not match its id (corrupted)")
-            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time),
-                                      open_object(Kind.SNAPSHOT, data, key))
-        infos = []
-        for key, record in self.catalog.snapshot_records():
-            time, snap_id = parse_snapshot_key(key)
-            infos.append(SnapshotInfo(snap_id, key, time, record))
-        return infos
+            record = open_object(Kind.SNAPSHOT, data, key)
+            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record)
+        return SnapshotInfo(snap_id, key, time, record)
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """All snapshots, oldest first: one LIST, and a GET only for records not cached."""
+        keys = self.snapshot_keys()
+        self.catalog.remove_snapshots(self.catalog.snapshot_keys() - {key for _, _, key in keys})
+        return [self.load_snapshot(key) for _, _, key in keys]
 
     def find_snapshot(self, ref: str) -> SnapshotInfo:
-        """A snapshot by full or unique-prefix hex id, or ``latest``."""
-        snaps = self.snapshots()
-        if not snaps:
+        """A snapshot by full or unique-prefix hex id, or ``latest``; reads one record."""
+        keys = self.snapshot_keys()
+        if not keys:
             raise SnapshotNotFound(f"the repository at {self.backend.location} has no snapshots")
         if ref == "latest":
-            return snaps[-1]
-        matches = [s for s in snaps if s.id.hex().startswith(ref.lower())]
+            return self.load_snapshot(keys[-1][2])
+        matches = [key for _, snap_id, key in keys if snap_id.hex().startswith(ref.lower())]
         if len(matches) != 1:
             what = "matches no snapshot" if not matches else "is ambiguous"
             raise SnapshotNotFound(f"snapshot id {ref!r} {what}")
-        return matches[0]
+        return self.load_snapshot(matches[0])
+
+    def snapshot_at(self, when: datetime) -> SnapshotInfo:
+        """The newest snapshot taken at or before ``when``; reads one record."""
+        keys = self.snapshot_keys()
+        eligible = [key for time, _, key in keys if time <= when]
+        if not eligible:
+            oldest = keys[0][0].isoformat() if keys else "none"
+            raise SnapshotNotFound(f"no snapshot at or before {when.isoformat()} (oldest: {oldest})")
+        return self.load_snapshot(eligible[-1])
+
+    # ---- failure -------------------------------------------------------------------------
+
+    def discard_unwritten(self) -> None:
+        """Forget blobs of this session that never reached storage (after a failed run),
+        so a retry with this object uploads them instead of trusting they exist."""
+        with self._lock:
+            self._session_ids = set(self._uploaded)
+            self._builders = {t: PackBuilder(t) for t in BlobType}
 
 
 def _time_us(time: datetime) -> int:

@@ -16,8 +16,10 @@ image and silently undo the restore (SQLITE_NOTES §5).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import shutil
 import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,14 +28,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .chunker import CDC, chunk_stream
-from .errors import IntegrityError, ObjectNotFound, TargetInUse, UsageError, from_os_error
-from .format import ChunkId, PackId, decode_blob, digest, pack_key
+from .errors import (
+    BackendError, IntegrityError, ObjectNotFound, StorageFull, TargetError, TargetInUse, UsageError,
+)
+from .format import ChunkId, PackId, decode_blob, digest, display, pack_key
 from .packs import BlobEntry, coalesce
 from .repository import Repository, SnapshotInfo
+from .backends.fs import fsync_dir
+from .sources.files import RESTORE_TEMP_MARK
 from .tree import Entry, load_tree
 
-TEMP_MARK = b".clubsnap-restore-"
-SQLITE_SIDECARS = (b"-wal", b"-shm")
+# -wal and -journal hold commits SQLite would apply over a restored file; -shm is an index.
+SQLITE_SIDECARS = (b"-wal", b"-journal", b"-shm")
+PRE_RESTORE_MARK = b".pre-restore-"
 
 
 @dataclass
@@ -55,6 +62,8 @@ class RestorePlan:
     files: list[FilePlan] = field(default_factory=list)
     symlinks: list[tuple[bytes, Entry]] = field(default_factory=list)
     deletions: list[bytes] = field(default_factory=list)
+    conflicts: list[bytes] = field(default_factory=list)  # a file where a dir goes, or back
+    stale_temps: list[bytes] = field(default_factory=list)  # left by a killed restore
     local: dict[ChunkId, tuple[bytes, int, int]] = field(default_factory=dict)
     fetch: dict[PackId, list[BlobEntry]] = field(default_factory=dict)
 
@@ -83,19 +92,6 @@ class RestorePlan:
                 "deletions": len(self.deletions)}
 
 
-# ---- choosing the snapshot -------------------------------------------------------------
-
-def snapshot_at(snapshots: list[SnapshotInfo], when: datetime) -> SnapshotInfo:
-    """The newest snapshot taken at or before ``when``."""
-    eligible = [s for s in snapshots if s.time <= when]
-    if not eligible:
-        first = snapshots[0].time.isoformat() if snapshots else "none"
-        from .errors import SnapshotNotFound
-
-        raise SnapshotNotFound(f"no snapshot at or before {when.isoformat()} (oldest: {first})")
-    return eligible[-1]
-
-
 # ---- planning ----------------------------------------------------------------------------
 
 def plan_restore(repo: Repository, snapshot: SnapshotInfo, target: Path,
@@ -106,8 +102,12 @@ def plan_restore(repo: Repository, snapshot: SnapshotInfo, target: Path,
     _select(repo, snapshot.tree, b"", wanted, plan)
     for include in wanted:
         if not any(_within(rel, include) for rel in _all_paths(plan)):
-            raise UsageError(f"--include {include.decode()} matches nothing in snapshot {snapshot.id.short()}")
+            raise UsageError(f"--include {display(include)} matches nothing in snapshot {snapshot.id.short()}")
     scopes = wanted or sorted({rel.split(b"/", 1)[0] for rel in _all_paths(plan)})
+    plan.conflicts = _type_conflicts(plan)
+    if plan.conflicts and not delete:
+        raise UsageError(f"{display(plan.conflicts[0])} is a different kind of file in the target than in the "
+                         f"snapshot; use --delete to replace it")
     _find_local_chunks(repo, plan, scopes)
     if delete:
         plan.deletions = _extra_paths(plan, scopes)
@@ -160,7 +160,7 @@ def _find_local_chunks(repo: Repository, plan: RestorePlan, scopes: list[bytes])
     """Cut existing target files like the snapshot did and note where each chunk sits."""
     root = os.fsencode(plan.target)
     by_path = {f.rel: f for f in plan.files}
-    for rel in _existing_files(root, scopes):
+    for rel in _existing_files(plan, root, scopes):
         planned = by_path.get(rel)
         method = planned.entry["chunker"] if planned else CDC
         try:
@@ -186,7 +186,20 @@ def _cut(path: bytes, method: str, repo: Repository) -> Iterator[tuple[ChunkId, 
             offset += len(data)
 
 
-def _existing_files(root: bytes, scopes: list[bytes]) -> Iterator[bytes]:
+def _type_conflicts(plan: RestorePlan) -> list[bytes]:
+    """Target paths whose kind (directory or not) differs from the snapshot's."""
+    root = os.fsencode(plan.target)
+    conflicts = []
+    wanted = [(rel, True) for rel, _ in plan.dirs] + [(f.rel, False) for f in plan.files]
+    wanted += [(rel, False) for rel, _ in plan.symlinks]
+    for rel, is_dir in wanted:
+        path = os.path.join(root, rel)
+        if os.path.lexists(path) and (os.path.isdir(path) and not os.path.islink(path)) != is_dir:
+            conflicts.append(rel)
+    return conflicts
+
+
+def _existing_files(plan: RestorePlan, root: bytes, scopes: list[bytes]) -> Iterator[bytes]:
     for scope in scopes:
         top = os.path.join(root, scope)
         if os.path.isfile(top) and not os.path.islink(top):
@@ -196,19 +209,25 @@ def _existing_files(root: bytes, scopes: list[bytes]) -> Iterator[bytes]:
             rel_dir = os.path.relpath(dirpath, root)
             for name in names:
                 full = os.path.join(dirpath, name)
-                if TEMP_MARK not in name and os.path.isfile(full) and not os.path.islink(full):
+                if RESTORE_TEMP_MARK in name:
+                    plan.stale_temps.append(os.path.join(rel_dir, name))
+                elif os.path.isfile(full) and not os.path.islink(full):
                     yield os.path.join(rel_dir, name)
 
 
 def _extra_paths(plan: RestorePlan, scopes: list[bytes]) -> list[bytes]:
     """Paths in the restored scopes that the snapshot does not have, deepest first."""
-    keep = set(_all_paths(plan))
+    keep = set(_all_paths(plan)) | set(plan.stale_temps)
+    # Sidecars of restored databases are moved aside, not deleted, and earlier restores'
+    # safety copies are never removed.
+    keep |= {f.rel + s for f in plan.files if "sqlite" in f.entry for s in SQLITE_SIDECARS}
     root = os.fsencode(plan.target)
     extra = []
     for scope in scopes:
         for dirpath, dirs, names in os.walk(os.path.join(root, scope)):
             rel_dir = os.path.relpath(dirpath, root)
-            extra += [p for p in (os.path.join(rel_dir, n) for n in dirs + names) if p not in keep]
+            extra += [p for p in (os.path.join(rel_dir, n) for n in dirs + names)
+                      if p not in keep and PRE_RESTORE_MARK not in p]
     return sorted(set(extra), key=lambda p: (-p.count(b"/"), p))
 
 
@@ -236,7 +255,10 @@ def apply_restore(repo: Repository, plan: RestorePlan, *, allow_in_use: bool = F
     try:
         result = _Writer(repo, plan, root, owner, progress).run()
     except OSError as exc:
-        raise from_os_error(exc, f"restoring into {plan.target}") from exc
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(f"restoring into {plan.target}: no space left on device") from exc
+        raise TargetError(f"restoring into {plan.target}: {exc.strerror or exc}"
+                          f"{': ' + display(os.fsencode(exc.filename)) if exc.filename else ''}") from exc
     result.bytes_fetched = repo.backend.bytes_read - before
     return result
 
@@ -251,6 +273,11 @@ class _Writer:
 
     def run(self) -> RestoreResult:
         os.makedirs(self.root, exist_ok=True)
+        for rel in self.plan.stale_temps:
+            os.unlink(os.path.join(self.root, rel))
+        for rel in self.plan.conflicts:
+            path = os.path.join(self.root, rel)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
         for rel, _entry in self.plan.dirs:
             os.makedirs(os.path.join(self.root, rel), exist_ok=True)
         try:
@@ -266,12 +293,13 @@ class _Writer:
         self._delete_extras()
         self._finish_dirs()
         self.result.files_unchanged = len(self.plan.files) - len(self.plan.to_write)
+        self.result.bytes_reused += sum(f.entry["size"] for f in self.plan.files if f.identical)
         return self.result
 
     def _prepare_temps(self) -> None:
         for plan in self.plan.to_write:
             directory, name = os.path.split(os.path.join(self.root, plan.rel))
-            temp = os.path.join(directory, b"." + name + TEMP_MARK + secrets.token_hex(4).encode())
+            temp = os.path.join(directory, b"." + name + RESTORE_TEMP_MARK + secrets.token_hex(4).encode())
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             os.ftruncate(fd, plan.entry["size"])
             os.close(fd)
@@ -313,6 +341,10 @@ class _Writer:
                     data = self.repo.backend.get(key, start, end - start)
                 except ObjectNotFound as exc:
                     raise IntegrityError(f"{key}: pack missing, needed by {self._users(members)}") from exc
+                except BackendError as exc:
+                    if self._pack_size(key) >= end:
+                        raise
+                    raise IntegrityError(f"{key}: pack truncated, needed by {self._users(members)}") from exc
                 for blob in members:
                     stored = memoryview(data)[blob.offset - start:blob.offset - start + blob.length]
                     try:
@@ -321,9 +353,15 @@ class _Writer:
                         raise IntegrityError(f"{exc}; needed by {self._users([blob])}") from exc
                     self._place(raw, missing[blob.id])
 
+    def _pack_size(self, key: str) -> int:
+        try:
+            return self.repo.backend.stat(key)
+        except ObjectNotFound:
+            return 0
+
     def _users(self, blobs: list[BlobEntry]) -> str:
         ids = {b.id for b in blobs}
-        names = [f.rel.decode(errors="replace") for f in self.plan.to_write if ids & set(f.chunks)]
+        names = [display(f.rel) for f in self.plan.to_write if ids & set(f.chunks)]
         return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
     def _place(self, data: bytes, places: list[tuple[bytes, int]]) -> None:
@@ -354,25 +392,29 @@ class _Writer:
             self.result.files_written += 1
 
     def _move_sqlite_set_aside(self, path: bytes) -> None:
-        """Old db + WAL move aside together (still a valid pair); the -shm is dropped."""
-        wal, shm = path + b"-wal", path + b"-shm"
+        """Keep the old database with its WAL or journal as a pair under a new name, and
+        take the sidecars away from the name the restored file will have.
+
+        Hard links first, removals after: a crash at any step leaves either the old set
+        intact or a complete copy of it aside.
+        """
         if not _has_sidecars(path):
             return
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ").encode()
-        aside = path + b".pre-restore-" + stamp
-        if os.path.exists(path):
-            os.replace(path, aside)
-            self.result.moved_aside.append(os.fsdecode(aside))
-        if os.path.exists(wal):
-            os.replace(wal, aside + b"-wal")
-            self.result.moved_aside.append(os.fsdecode(aside + b"-wal"))
-        if os.path.exists(shm):
-            os.unlink(shm)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ").encode()
+        aside = path + PRE_RESTORE_MARK + stamp
+        for suffix in (b"", b"-wal", b"-journal"):
+            if os.path.exists(path + suffix):
+                os.link(path + suffix, aside + suffix)
+                self.result.moved_aside.append(display(aside + suffix))
+        fsync_dir(os.path.dirname(path))
+        for suffix in SQLITE_SIDECARS:
+            if os.path.exists(path + suffix):
+                os.unlink(path + suffix)
 
     def _install_symlinks(self) -> None:
         for rel, entry in self.plan.symlinks:
             path = os.path.join(self.root, rel)
-            temp = path + TEMP_MARK + secrets.token_hex(4).encode()
+            temp = path + RESTORE_TEMP_MARK + secrets.token_hex(4).encode()
             os.symlink(entry["target"], temp)
             os.replace(temp, path)
 

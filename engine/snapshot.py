@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +23,7 @@ from typing import Any, Callable
 from .catalog import CachedFile
 from .chunker import CDC, FIXED, chunk_stream
 from .errors import SourceError
-from .format import BlobType, ChunkId
+from .format import BlobType, ChunkId, display
 from .repository import Repository, SnapshotInfo, WriteStats
 from .sources import sqlite as sqlite_source
 from .sources.files import Item, Scan, scan_tier, tiers_for
@@ -76,18 +77,26 @@ class SnapshotResult:
 
 
 def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
+    try:
+        return _create(repo, options)
+    except BaseException:
+        repo.discard_unwritten()
+        raise
+
+
+def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     root = _check_source(options.source)
-    start = options.now()
     written_before = replace(repo.stats)
     repo.sync_index()
-    source_key = os.fsdecode(root)
+    source_key = display(root)
     cache = repo.catalog.load_files(source_key)
     builder = _SnapshotBuilder(repo, options, cache)
     # The consistent-cut rule: the databases are captured before the blobs are even
     # listed, so every tarball a captured row names was already written (club commits
-    # the row first, then writes the blob).
+    # the row first, then writes the blob). The snapshot's time is the capture's.
     scan = Scan()
     scan_tier(root, "db", scan)
+    start = options.now()
     entries = builder.capture_databases(scan)
     for tier in tiers_for(options.include_logs):
         if tier != "db":
@@ -128,6 +137,7 @@ class _SnapshotBuilder:
         self.seen: set[bytes] = set()
         self._bytes_done = 0
         self._files_done = 0
+        self._count_lock = threading.Lock()
         self.files_total = 0
 
     def capture_databases(self, scan: Scan) -> dict[bytes, Entry]:
@@ -136,7 +146,7 @@ class _SnapshotBuilder:
             try:
                 image = sqlite_source.capture(os.fsdecode(item.path), self.options.temp_dir)
             except sqlite_source.CaptureError as exc:
-                self.errors.append(f"{os.fsdecode(item.rel)}: cannot capture SQLite database ({exc})")
+                self.errors.append(f"{display(item.rel)}: cannot capture SQLite database ({exc})")
                 continue
             added_before = self.repo.stats.blobs_added
             try:
@@ -150,8 +160,12 @@ class _SnapshotBuilder:
             self.databases.append({"path": item.rel, **image.info})
             self.stats.bytes_total += size
             unchanged = self.repo.stats.blobs_added == added_before
-            self._count(item.rel, size, read=size, unchanged=unchanged, changed=not unchanged)
+            self._count(item.rel, size, read=size, unchanged=unchanged, changed=item.rel in self.cache)
+            # Remembered only so the next run can tell "changed" from "new"; inode -1 never
+            # matches a real file, since a database is never skipped on its stat (its WAL
+            # changes while the main file does not).
             self.seen.add(item.rel)
+            self.cache_updates[item.rel] = CachedFile(size, 0, 0, -1, chunks)
         return entries
 
     def read_files(self, scan: Scan) -> dict[bytes, Entry]:
@@ -172,7 +186,7 @@ class _SnapshotBuilder:
                 try:
                     entries[item.rel] = future.result()
                 except OSError as exc:
-                    self.errors.append(f"{os.fsdecode(item.rel)}: unreadable ({exc.strerror})")
+                    self.errors.append(f"{display(item.rel)}: unreadable ({exc.strerror})")
         return entries
 
     def _cache_hit(self, item: Item) -> CachedFile | None:
@@ -204,6 +218,10 @@ class _SnapshotBuilder:
             self.cache_updates[item.rel] = CachedFile(size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, chunks)
 
     def _count(self, rel: bytes, size: int, read: int, unchanged: bool = False, changed: bool = False) -> None:
+        with self._count_lock:  # reader threads report concurrently
+            self._count_locked(rel, size, read, unchanged, changed)
+
+    def _count_locked(self, rel: bytes, size: int, read: int, unchanged: bool, changed: bool) -> None:
         tier = rel.split(b"/", 1)[0].decode()
         stats = self.stats
         stats.files += 1

@@ -34,7 +34,10 @@ def parse_time(text: str, now: datetime) -> datetime:
         unit = _UNITS.get(relative.group(2))
         if unit is None:
             raise UsageError(f"unknown time unit in {text!r} (use s, m, h, d or w)")
-        return now - timedelta(**{unit: int(relative.group(1))})
+        try:
+            return now - timedelta(**{unit: int(relative.group(1))})
+        except OverflowError as exc:
+            raise UsageError(f"time {text!r} is out of range") from exc
     return _parse_absolute(text.strip())
 
 
@@ -44,7 +47,7 @@ def _parse_absolute(text: str) -> datetime:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", candidate):
             return datetime.combine(date.fromisoformat(candidate), time.max).astimezone()
         moment = datetime.fromisoformat(candidate)
-    except ValueError as exc:
+        return moment if moment.tzinfo else moment.astimezone()
+    except (ValueError, OverflowError) as exc:
         raise UsageError(f"cannot read time {text!r}: use ISO 8601 (2026-04-09, "
                          f"2026-04-09T14:00, 2026-04-09T14:00+02:00) or '2h ago'") from exc
-    return moment if moment.tzinfo else moment.astimezone()

@@ -93,5 +93,6 @@ def test_fs_put_never_exposes_partial_objects(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(StorageFull):
         store.put("data/aa/aaaa", b"x" * 1000)
     assert list(store.list("data/")) == []
+    assert list((tmp_path / "store" / "data" / "aa").iterdir()) == []  # no temporary left behind
     with pytest.raises(ObjectNotFound):
         store.get("data/aa/aaaa")

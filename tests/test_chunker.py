@@ -19,9 +19,17 @@ def _reference(data: bytes, p: ChunkerParams) -> list[bytes]:
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.binary(min_size=0, max_size=200_000))
-def test_streaming_cdc_matches_whole_buffer(data: bytes) -> None:
-    assert list(cdc_chunks(io.BytesIO(data), SMALL)) == _reference(data, SMALL)
+@given(st.binary(min_size=0, max_size=200_000), st.sampled_from([SMALL.cdc_max, 20_000, 65_536]))
+def test_streaming_cdc_matches_whole_buffer(data: bytes, read_size: int) -> None:
+    """Small read sizes force many carries across buffer boundaries."""
+    import engine.chunker
+
+    original = engine.chunker.READ_SIZE
+    engine.chunker.READ_SIZE = read_size
+    try:
+        assert list(cdc_chunks(io.BytesIO(data), SMALL)) == _reference(data, SMALL)
+    finally:
+        engine.chunker.READ_SIZE = original
 
 
 def test_streaming_cdc_across_read_buffers() -> None:

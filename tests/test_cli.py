@@ -64,3 +64,24 @@ def test_cache_rebuild_from_packs_recovers_a_lost_index(cli: Cli, tmp_path: Path
     _ok(cli("check", "--read-data", repo=repo))
     _ok(cli("restore", "latest", "--target", str(tmp_path / "t"), repo=repo))
     assert club_state(tmp_path / "t", live=False) == club_state(data, live=True)
+
+
+def test_odd_file_names_and_symlinks_round_trip(cli: Cli, tmp_path: Path) -> None:
+    import os
+
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    (data / "db").mkdir(parents=True)
+    odd = os.path.join(os.fsencode(data / "blobs"), b"caf\xe9 \xff.bin")
+    os.makedirs(os.path.dirname(odd))
+    with open(odd, "wb") as handle:
+        handle.write(b"bytes of a file whose name is not UTF-8")
+    os.symlink("caf\udce9 \udcff.bin", data / "blobs" / "link")
+    _ok(cli("init", repo=repo))
+    _ok(cli("snapshot", str(data), repo=repo))
+    plan = _ok(cli("restore", "latest", "--target", str(tmp_path / "t"), "--dry-run", repo=repo))
+    assert "caf\\udce9" in plan.stdout  # shown escaped, never a crash
+    _ok(cli("restore", "latest", "--target", str(tmp_path / "t"), repo=repo))
+    restored = os.path.join(os.fsencode(tmp_path / "t" / "blobs"), b"caf\xe9 \xff.bin")
+    with open(restored, "rb") as handle:
+        assert handle.read() == b"bytes of a file whose name is not UTF-8"
+    assert os.readlink(tmp_path / "t" / "blobs" / "link") == "caf\udce9 \udcff.bin"

@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from benchmarks.clubstate import club_state
-from engine import Repository, apply_restore, check, open_backend, plan_restore, snapshot_at
+from engine import Repository, apply_restore, check, open_backend, plan_restore
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
@@ -20,7 +20,7 @@ def test_golden_repository_restores_and_checks(tmp_path: Path) -> None:
     repo = Repository.open(open_backend(str(store)), tmp_path / "cache")
     report = check(repo, read_data=True)
     assert report.ok, report.errors
-    snap = snapshot_at(repo.snapshots(), datetime.fromisoformat(expected["time"]))
+    snap = repo.snapshot_at(datetime.fromisoformat(expected["time"]))
     assert snap.id.hex() == expected["snapshot"]
     apply_restore(repo, plan_restore(repo, snap, tmp_path / "restored"))
     assert club_state(tmp_path / "restored", live=False) == expected["state"]

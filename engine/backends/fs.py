@@ -32,8 +32,8 @@ class FsBackend(Backend):
         try:
             self._ensure_dir(path.parent)
             temp = path.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
-            self._write_synced(temp, data)
             try:
+                self._write_synced(temp, data)
                 if exclusive:
                     # link() refuses an existing name: an atomic create-if-absent.
                     os.link(temp, path)
@@ -41,6 +41,8 @@ class FsBackend(Backend):
                 else:
                     os.replace(temp, path)
             finally:
+                # A failed write must not leave its temporary behind (on a full disk it
+                # would keep the disk full).
                 if temp.exists():
                     temp.unlink()
             fsync_dir(path.parent)
@@ -102,7 +104,7 @@ class FsBackend(Backend):
         if not base.is_dir():
             return
         try:
-            for dirpath, _dirs, files in os.walk(base):
+            for dirpath, _dirs, files in os.walk(base, onerror=_raise):
                 rel_dir = os.path.relpath(dirpath, self._root)
                 for name in files:
                     if name.startswith(TEMP_PREFIX):
@@ -122,6 +124,12 @@ class FsBackend(Backend):
         except OSError as exc:
             raise from_os_error(exc, f"deleting {path}") from exc
         fsync_dir(path.parent)
+
+
+def _raise(exc: OSError) -> None:
+    """os.walk swallows errors by default; a listing that silently skips an unreadable
+    directory would make snapshots or index objects look deleted."""
+    raise exc
 
 
 def fsync_dir(directory: str | bytes | os.PathLike[str]) -> None:

@@ -14,11 +14,14 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from ..format import display
+
 ALWAYS_TIERS = ("db", "blobs")
 OPTIONAL_TIERS = ("logs",)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_SIDECARS = (b"-wal", b"-shm", b"-journal")
 CLUB_TEMP_FILE = re.compile(rb"\.tmp\.\d+$")
+RESTORE_TEMP_MARK = b".clubsnap-restore-"
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def scan_tier(root: bytes, tier: str, scan: Scan) -> None:
     """Add a tier's directory, and everything under it, to ``scan``."""
     top = os.path.join(root, tier.encode())
     try:
-        st = os.lstat(top)
+        st = os.stat(top)  # a tier may be a symlink to another volume: follow it
     except FileNotFoundError:
         return
     except OSError as exc:
@@ -69,14 +72,14 @@ def _walk(directory: bytes, rel: bytes, tier: str, scan: Scan) -> None:
         with os.scandir(directory) as listing:
             children = sorted(listing, key=lambda e: e.name)
     except OSError as exc:
-        scan.errors.append(f"{os.fsdecode(rel)}: cannot list directory ({exc.strerror})")
+        scan.errors.append(f"{display(rel)}: cannot list directory ({exc.strerror})")
         return
     for child in children:
         child_rel = rel + b"/" + child.name
         try:
             st = child.stat(follow_symlinks=False)
         except OSError as exc:
-            scan.errors.append(f"{os.fsdecode(child_rel)}: {exc.strerror}")
+            scan.errors.append(f"{display(child_rel)}: {exc.strerror}")
             continue
         kind = _classify(child.name, child.path, st, tier, scan, child_rel)
         if kind is None:
@@ -95,6 +98,8 @@ def _classify(name: bytes, path: bytes, st: os.stat_result, tier: str, scan: Sca
         return None
     if tier == "blobs" and CLUB_TEMP_FILE.search(name):
         return None
+    if RESTORE_TEMP_MARK in name:
+        return None  # left by a killed restore; never data
     if tier == "db":
         if name.endswith(SQLITE_SIDECARS):
             return None
@@ -110,5 +115,5 @@ def _is_sqlite(path: bytes, scan: Scan, rel: bytes) -> bool:
         with open(path, "rb") as handle:
             return handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
     except OSError as exc:
-        scan.errors.append(f"{os.fsdecode(rel)}: {exc.strerror}")
+        scan.errors.append(f"{display(rel)}: {exc.strerror}")
         return False
