@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,14 +60,22 @@ def test_sigkill_at_many_points_leaves_a_valid_repository(cli: Cli, tmp_path: Pa
     killed = 0
     for point in range(12):
         repo = tmp_path / f"repo-{point}"
-        assert cli("init", repo=repo).returncode == 0
         cache = tmp_path / f"cache-{point}"
-        process = _spawn_snapshot(repo, data, cache)
-        time.sleep(duration * (point + 0.5) / 13)
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            killed += 1
-        process.wait()
+        delay = duration * (point + 0.5) / 13
+        for _attempt in range(5):  # a run that finished before its kill is retried sooner
+            shutil.rmtree(repo, ignore_errors=True)
+            shutil.rmtree(cache, ignore_errors=True)
+            assert cli("init", repo=repo).returncode == 0
+            process = _spawn_snapshot(repo, data, cache)
+            time.sleep(delay)
+            finished = process.poll() is not None
+            if not finished:
+                process.send_signal(signal.SIGKILL)
+            process.wait()
+            if not finished:
+                killed += 1
+                break
+            delay *= 0.6
         result = cli("check", repo=repo)
         assert result.returncode == 0, f"kill point {point}: {result.stdout}{result.stderr}"
         assert _spawn_snapshot(repo, data, cache if point % 2 else tmp_path / f"cold-{point}").wait() == 0
