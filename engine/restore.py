@@ -20,7 +20,6 @@ import errno
 import os
 import secrets
 import shutil
-import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone

@@ -288,7 +288,8 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
         "errors": (scan.errors + builder.errors)[:100],
         "stats": {**{k: v for k, v in asdict(stats).items() if k != "tiers"},
                   "blobs_added": written.blobs_added, "raw_bytes_added": written.raw_bytes_added,
-                  "bytes_added": written.pack_bytes_written,
+                  "bytes_added": written.pack_bytes_written, "packs_written": written.packs_written,
+                  "index_objects_written": written.index_objects_written,
                   "duration_s": round((options.now() - start).total_seconds(), 3)},
         "program": "clubsnap 0.1.0",
     }

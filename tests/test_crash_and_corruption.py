@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
 
 from benchmarks.clubgen import generate
 from engine import Repository, check, create_snapshot
@@ -23,8 +22,8 @@ from engine.format import DATA_PREFIX, PackId
 from engine.packs import read_trailer
 from engine.snapshot import SnapshotOptions
 
-from benchmarks.clubstate import blob_digests, club_state
-from .conftest import ROOT, Clock, reopen
+from benchmarks.clubstate import club_state
+from .conftest import ROOT, Clock
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 

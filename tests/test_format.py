@@ -95,3 +95,29 @@ def test_snapshot_keys_sort_by_time() -> None:
     late = fmt.snapshot_key(datetime(2026, 1, 2, 3, 4, 5, 7, tzinfo=timezone.utc), fmt.SnapshotId(b"\x00" * 32))
     assert early < late
     assert fmt.parse_snapshot_key(early)[0] == datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
+
+
+def _table_keys(section_title: str) -> list[str]:
+    section = SPEC.split(section_title, 1)[1].split("\n#", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE)
+
+
+def test_spec_tables_list_exactly_the_record_fields(tmp_path: Path) -> None:
+    import sqlite3
+
+    from engine import Repository, create_snapshot, open_backend
+    from engine.snapshot import SnapshotOptions
+
+    data = tmp_path / "data"
+    (data / "db").mkdir(parents=True)
+    sqlite3.connect(data / "db" / "club.db").execute("CREATE TABLE t(x)").connection.close()
+    (data / "blobs").mkdir()
+    (data / "blobs" / "f").write_bytes(b"x")
+    now = lambda: datetime(2026, 1, 1, tzinfo=timezone.utc)  # noqa: E731
+    repo = Repository.init(open_backend(str(tmp_path / "repo")), tmp_path / "cache", now)
+    record = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=now, temp_dir=tmp_path / "t")).info.record
+    assert sorted(_table_keys("### 6.4 snapshot")) == sorted(record)
+    assert sorted(_table_keys("### 6.1 config")) == sorted(repo.config.to_record())
+    stats_row = next(line for line in SPEC.splitlines() if line.startswith("| `stats` |"))
+    assert sorted(re.findall(r"`(\w+)`", stats_row)[1:]) == sorted(record["stats"])
+    repo.close()
