@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from . import errors
 from .backend import open_backend
+from .clubcheck import check_club
 from .diff import diff_trees
 from .repository import Repository
 from .restore import apply_restore, plan_restore
@@ -223,6 +224,20 @@ def _percent(text: str) -> float:
     return value
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = check_club(Path(args.data_dir))
+    text = "\n".join([f"missing: {m}" for m in report.missing] + [f"database: {d}" for d in report.database]
+                     + [f"orphan: {o}" for o in report.orphans])
+    summary = (f"{'consistent' if report.ok else 'INCONSISTENT'}: {report.checked.get('versions', 0)} versions, "
+               f"{report.checked.get('dartdoc', 0)} dartdoc pairs checked; {len(report.missing)} missing or wrong, "
+               f"{len(report.database)} database problem(s), {len(report.orphans)} orphan blob(s)")
+    _emit(args, {"ok": report.ok, "missing": report.missing, "database": report.database,
+                 "orphans": report.orphans, "checked": report.checked}, (text + "\n" if text else "") + summary)
+    if not report.ok:
+        raise errors.CheckFailed(f"{args.data_dir} is not consistent: see the report above")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     stats = repository_stats(_open(args))
     _emit(args, stats, "\n".join(f"{k}: {v}" for k, v in stats.items()))
@@ -288,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "check the repository")
     p.add_argument("--read-data", action="store_true", help="read back and re-hash all data")
     p.add_argument("--read-data-subset", help="read back this percentage of packs, e.g. 10%%")
+    p = add("verify", cmd_verify, "check that a (restored) club data dir is consistent: every row's blobs present")
+    p.add_argument("data_dir")
     add("stats", cmd_stats, "repository statistics")
     p = add("cache", cmd_cache, "manage the local catalog")
     p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")
