@@ -316,9 +316,9 @@ class _Writer:
 
     def _copy_local(self) -> dict[ChunkId, list[tuple[bytes, int]]]:
         """Copy reusable chunks from target files (before any is replaced); returns the rest."""
-        self.where = self._positions()
+        where = self._positions()
         missing: dict[ChunkId, list[tuple[bytes, int]]] = {}
-        for chunk, places in self.where.items():
+        for chunk, places in where.items():
             source = self.plan.local.get(chunk)
             data = _read_local(os.path.join(self.root, source[0]), source[1], source[2]) if source else None
             if data is None or digest(data) != chunk:
