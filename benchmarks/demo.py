@@ -59,7 +59,7 @@ def main() -> None:
     _clubsnap(work, "restore", "--at", as_of, "--target", str(target), "--dry-run")
     _clubsnap(work, "restore", "--at", as_of, "--target", str(target))
     _clubsnap(work, "check", "--read-data")
-    _clubsnap(work, "verify", str(target))
+    _clubsnap(work, "verify", "--data", str(target))
 
     restored = club_state(target, live=False)
     if restored != first_state:

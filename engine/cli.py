@@ -12,6 +12,7 @@ import os
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any, Callable, Sequence
 
 from . import errors
 from .backend import open_backend
-from .clubcheck import check_club
+from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
 from .repository import Repository
-from .restore import apply_restore, plan_restore
+from .restore import apply_restore, check_databases, plan_restore
 from .snapshot import Progress, SnapshotOptions, create_snapshot
 from .stats import repository_stats
 from .timespec import parse_time
@@ -110,20 +111,33 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     repo = _open(args)
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
     options = SnapshotOptions(source=Path(args.data_dir), host=args.host or socket.gethostname(),
-                              now=_now, temp_dir=_cache_root(args) / "tmp", tags=args.tag or [],
+                              now=_now, tags=args.tag or [], verify=args.verify,
                               include_logs=args.include_logs, progress=reporter.snapshot)
     result = create_snapshot(repo, options)
     reporter.done()
     for problem in result.errors:
         print(f"warning: {problem}", file=sys.stderr)
+    record = result.info.record
+    for path in record.get("carried_forward", []):
+        print(f"note: {path} was deleted during the scan; carried forward from the parent snapshot",
+              file=sys.stderr)
+    verified = record.get("verified")
     s = result.stats
     _emit(args, {"id": result.info.id.hex(), "time": result.info.time.isoformat(),
-                 "partial": result.partial, "errors": result.errors, "stats": s},
+                 "partial": result.partial, "errors": result.errors, "stats": s,
+                 "carried_forward": record.get("carried_forward", []), "dangling": record.get("dangling", []),
+                 "verified": verified},
           f"snapshot {result.info.id.short()} saved at {result.info.time.astimezone():%Y-%m-%d %H:%M:%S %Z}"
           f"{' (PARTIAL: some files were unreadable)' if result.partial else ''}\n"
           f"files: {s['files']} ({s['files_new']} new, {s['files_changed']} changed, "
           f"{s['files_unmodified']} unmodified), read {s['bytes_read'] / 1e6:,.1f} MB, "
-          f"added {s['bytes_added'] / 1e6:,.2f} MB to the repository in {s['duration_s']:.1f}s")
+          f"added {s['bytes_added'] / 1e6:,.2f} MB to the repository in {s['duration_s']:.1f}s"
+          + (f"\nverify: {'consistent' if verified['consistent'] else 'INCONSISTENT'}, {verified['checked']} "
+             f"blobs named by club.db checked" + "".join(f"\n  {p}" for p in verified["problems"])
+             if verified else ""))
+    if verified and not verified["consistent"]:
+        raise errors.CheckFailed(f"snapshot {result.info.id.short()} was saved, but {verified['problem_count']} "
+                                 f"blob(s) club.db names are missing or wrong in it")
     return errors.EXIT_PARTIAL if result.partial else 0
 
 
@@ -162,13 +176,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
     result = apply_restore(repo, plan, allow_in_use=args.force, progress=reporter.bytes)
     reporter.done()
+    db_checks = {} if args.db_check == "none" else check_databases(plan, thorough=args.db_check == "integrity")
     data = {**summary, "files_written": result.files_written, "bytes_fetched": result.bytes_fetched,
-            "bytes_reused": result.bytes_reused, "deleted": result.deleted, "moved_aside": result.moved_aside}
+            "bytes_reused": result.bytes_reused, "deleted": result.deleted, "moved_aside": result.moved_aside,
+            "db_checks": db_checks}
     _emit(args, data, f"restored snapshot {snap.id.short()} ({snap.time.astimezone():%Y-%m-%d %H:%M:%S %Z}) "
                       f"into {plan.target}\nfiles: {result.files_written} written, "
                       f"{summary['files_unchanged']} already identical, {result.deleted} deleted; "
                       f"fetched {result.bytes_fetched / 1e6:,.2f} MB, reused {result.bytes_reused / 1e6:,.2f} MB"
-                      + "".join(f"\nmoved aside: {p}" for p in result.moved_aside))
+                      + "".join(f"\nmoved aside: {p}" for p in result.moved_aside)
+                      + "".join(f"\n{args.db_check}_check {p}: {r}" for p, r in db_checks.items()))
+    bad = [p for p, r in db_checks.items() if r != "ok"]
+    if bad:
+        raise errors.CheckFailed(f"restored {bad[0]} fails its {args.db_check}_check: see the report above")
     return 0
 
 
@@ -225,16 +245,28 @@ def _percent(text: str) -> float:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = check_club(Path(args.data_dir))
+    if sum(map(bool, (args.snapshot, args.at, args.data))) != 1:
+        raise errors.UsageError("give a snapshot id, 'latest', --at TIME or --data DIR (exactly one)")
+    if args.data:
+        return _report_club(args, check_club(Path(args.data)), args.data)
+    repo = _open(args)
+    snap = repo.snapshot_at(parse_time(args.at, _now())) if args.at else repo.find_snapshot(args.snapshot)
+    with tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=args.temp_dir) as scratch:
+        plan = plan_restore(repo, snap, Path(scratch) / "data")
+        apply_restore(repo, plan, allow_in_use=True, set_owner=False)
+        return _report_club(args, check_club(Path(scratch) / "data"), f"snapshot {snap.id.short()}")
+
+
+def _report_club(args: argparse.Namespace, report: ClubReport, what: str) -> int:
     text = "\n".join([f"missing: {m}" for m in report.missing] + [f"database: {d}" for d in report.database]
                      + [f"orphan: {o}" for o in report.orphans])
-    summary = (f"{'consistent' if report.ok else 'INCONSISTENT'}: {report.checked.get('versions', 0)} versions, "
-               f"{report.checked.get('dartdoc', 0)} dartdoc pairs checked; {len(report.missing)} missing or wrong, "
-               f"{len(report.database)} database problem(s), {len(report.orphans)} orphan blob(s)")
+    summary = (f"{what}: {'consistent' if report.ok else 'INCONSISTENT'}: {report.checked.get('versions', 0)} "
+               f"versions, {report.checked.get('dartdoc', 0)} dartdoc pairs checked; {len(report.missing)} missing "
+               f"or wrong, {len(report.database)} database problem(s), {len(report.orphans)} orphan blob(s)")
     _emit(args, {"ok": report.ok, "missing": report.missing, "database": report.database,
                  "orphans": report.orphans, "checked": report.checked}, (text + "\n" if text else "") + summary)
     if not report.ok:
-        raise errors.CheckFailed(f"{args.data_dir} is not consistent: see the report above")
+        raise errors.CheckFailed(f"{what} is not consistent: see the report above")
     return 0
 
 
@@ -287,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir")
     p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")
     p.add_argument("--include-logs", action="store_true", help="also snapshot logs/")
+    p.add_argument("--verify", action="store_true",
+                   help="check every blob club.db names against the snapshot (no data read); exit 18 if any is "
+                        "missing or has the wrong size")
     p.add_argument("--host", help="host name recorded in the snapshot (default: this machine's)")
     add("snapshots", cmd_snapshots, "list snapshots")
     p = add("restore", cmd_restore, "restore a snapshot (by id, 'latest', or --at TIME)")
@@ -297,14 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete", action="store_true", help="remove files of the restored tiers that the snapshot lacks")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--force", action="store_true", help="restore even if a process has the database open")
+    p.add_argument("--db-check", choices=("integrity", "quick", "none"), default="integrity",
+                   help="SQLite check run on each restored database (default: integrity)")
     p = add("diff", cmd_diff, "show what changed between two snapshots")
     p.add_argument("a")
     p.add_argument("b")
     p = add("check", cmd_check, "check the repository")
     p.add_argument("--read-data", action="store_true", help="read back and re-hash all data")
     p.add_argument("--read-data-subset", help="read back this percentage of packs, e.g. 10%%")
-    p = add("verify", cmd_verify, "check that a (restored) club data dir is consistent: every row's blobs present")
-    p.add_argument("data_dir")
+    p = add("verify", cmd_verify, "check that a snapshot (restored into a temporary directory) or a data dir "
+                                  "is consistent: every blob club.db names present and intact")
+    p.add_argument("snapshot", nargs="?", help="snapshot id or 'latest'")
+    p.add_argument("--at", help="the newest snapshot at or before TIME")
+    p.add_argument("--data", help="check this data directory instead of a snapshot")
+    p.add_argument("--temp-dir", help="where to restore the snapshot for the check (default: system temp)")
     add("stats", cmd_stats, "repository statistics")
     p = add("cache", cmd_cache, "manage the local catalog")
     p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")

@@ -53,12 +53,11 @@ def check_club(root: Path) -> ClubReport:
             return report
         named = _check_versions(conn, root / "blobs", report)
         named |= _check_dartdoc(conn, root / "blobs", report)
+        _find_orphans(conn, root / "blobs", named, report)
     except sqlite3.DatabaseError as exc:
         report.database.append(f"club.db is unreadable: {exc}")
-        return report
     finally:
         conn.close()
-    _find_orphans(root / "blobs", named, report)
     return report
 
 
@@ -82,24 +81,43 @@ def _check_database(conn: sqlite3.Connection, report: ClubReport) -> None:
         report.database.append(f"packages.latest_version {name} {latest} has no version row")
 
 
-def _check_versions(conn: sqlite3.Connection, blobs: Path, report: ClubReport) -> set[str]:
-    named: set[str] = set()
-    rows = conn.execute("SELECT package_name, version, archive_size_bytes, archive_sha256, screenshots, "
-                        "readme_content FROM package_versions").fetchall()
-    report.checked["versions"] = len(rows)
-    for pkg, ver, size, sha, shots, readme in rows:
-        tarball = f"{pkg}/{ver}/artifacts/package.tar.gz"
-        named.add(tarball)
-        _expect(blobs, tarball, size, sha, report)
+@dataclass(frozen=True)
+class Expected:
+    """A blob a database row names, with what the row says about it (None: unknown)."""
+
+    key: str  # relative to blobs/
+    size: int | None = None
+    sha256: str | None = None
+
+
+def expected_blobs(conn: sqlite3.Connection) -> list[Expected]:
+    """Every tarball, screenshot and README asset club.db names (CLUB_DATA §6.5).
+
+    Used on a restored file here and, by a snapshot, on the pinned image it captured.
+    """
+    expected = []
+    for pkg, ver, size, sha, shots, readme in conn.execute(
+            "SELECT package_name, version, archive_size_bytes, archive_sha256, screenshots, "
+            "readme_content FROM package_versions"):
+        expected.append(Expected(f"{pkg}/{ver}/artifacts/package.tar.gz", size, sha))
         for index, shot in enumerate(json.loads(shots or "[]")):
-            key = f"{pkg}/{ver}/screenshots/{index}"
-            named.add(key)
-            _expect(blobs, key, shot.get("sizeBytes"), shot.get("sha256"), report)
-        for key in _readme_assets(readme or ""):
-            named.add(key)
-            if not key.split("/")[2] == "screenshots":
-                _expect(blobs, key, None, None, report)
-    return named
+            expected.append(Expected(f"{pkg}/{ver}/screenshots/{index}", shot.get("sizeBytes"), shot.get("sha256")))
+        expected += [Expected(key) for key in _readme_assets(readme or "") if key.split("/")[2] != "screenshots"]
+    return expected
+
+
+def _check_versions(conn: sqlite3.Connection, blobs: Path, report: ClubReport) -> set[str]:
+    expected = expected_blobs(conn)
+    report.checked["versions"] = sum(e.key.endswith("/artifacts/package.tar.gz") for e in expected)
+    for item in expected:
+        _expect(blobs, item, report)
+    return {e.key for e in expected} | {key for key in _named_screenshots(conn)}
+
+
+def _named_screenshots(conn: sqlite3.Connection) -> Iterator[str]:
+    """Screenshot keys a README links to: named (never orphans) but checked via their row."""
+    for (readme,) in conn.execute("SELECT readme_content FROM package_versions"):
+        yield from (k for k in _readme_assets(readme or "") if k.split("/")[2] == "screenshots")
 
 
 def _readme_assets(readme: str) -> Iterator[str]:
@@ -107,14 +125,14 @@ def _readme_assets(readme: str) -> Iterator[str]:
         yield f"{pkg}/{ver}/{kind}/{index}" + (f".{ext}" if kind == "readme-assets" else "")
 
 
-def _expect(blobs: Path, key: str, size: int | None, sha: str | None, report: ClubReport) -> None:
-    path = blobs / key
+def _expect(blobs: Path, item: Expected, report: ClubReport) -> None:
+    path = blobs / item.key
     if not path.is_file():
-        report.missing.append(f"{key}: missing")
-    elif size is not None and path.stat().st_size != size:
-        report.missing.append(f"{key}: size {path.stat().st_size}, database says {size}")
-    elif sha and _sha256(path) != sha:
-        report.missing.append(f"{key}: sha256 differs from the database")
+        report.missing.append(f"{item.key}: missing")
+    elif item.size is not None and path.stat().st_size != item.size:
+        report.missing.append(f"{item.key}: size {path.stat().st_size}, database says {item.size}")
+    elif item.sha256 and _sha256(path) != item.sha256:
+        report.missing.append(f"{item.key}: sha256 differs from the database")
 
 
 def _sha256(path: Path) -> str:
@@ -149,14 +167,13 @@ def _dartdoc_problem(blob: Path, index: Path, pkg: str) -> str | None:
         return "index.json does not parse"
     if record.get("version") != 1 or not str(record.get("blobId", "")).startswith(f"{pkg}:latest:"):
         return "index.json has an unexpected version or blobId"
-    ranges = sorted(_ranges(record.get("index", {})))
     size = blob.stat().st_size
-    position = 0
-    for start, end in ranges:
-        if start != position or end < start:
-            return "index ranges are not contiguous"
-        position = end
-    return None if position == size else f"index ends at {position}, blob has {size} bytes"
+    # club swaps the blob, then the index: for a moment a new blob sits beside the old
+    # index, which club tolerates. A pair is good when every range fits in the blob.
+    for start, end in _ranges(record.get("index", {})):
+        if not 0 <= start <= end <= size:
+            return f"index range {start}:{end} does not fit in the {size}-byte blob"
+    return None
 
 
 def _ranges(node: Any) -> Iterator[tuple[int, int]]:
@@ -168,9 +185,20 @@ def _ranges(node: Any) -> Iterator[tuple[int, int]]:
             yield from _ranges(child)
 
 
-def _find_orphans(blobs: Path, named: set[str], report: ClubReport) -> None:
+def _find_orphans(conn: sqlite3.Connection, blobs: Path, named: set[str], report: ClubReport) -> None:
+    """Blobs no row names. Those club itself leaves behind (CLUB_DATA §2.2) are labelled:
+    a deleted package's dartdoc pair, and a deleted version's screenshots and README assets
+    (an S3/GCS delete removes only the tarball)."""
+    packages = {r[0] for r in conn.execute("SELECT name FROM packages")}
+    versions = {f"{p}/{v}" for p, v in conn.execute("SELECT package_name, version FROM package_versions")}
     for dirpath, _dirs, files in os.walk(blobs):
         for name in files:
             key = os.path.relpath(os.path.join(dirpath, name), blobs)
-            if key not in named and ".tmp." not in name and not key.endswith("/artifacts/package.json"):
-                report.orphans.append(key)
+            if key in named or ".tmp." in name or key.endswith("/artifacts/package.json"):
+                continue
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[1] == "dartdoc" and parts[0] not in packages:
+                key += " (club leftover: dartdoc of a deleted package)"
+            elif len(parts) >= 4 and parts[2] in ("screenshots", "readme-assets") and "/".join(parts[:2]) not in versions:
+                key += " (club leftover: asset of a deleted version)"
+            report.orphans.append(key)

@@ -35,7 +35,7 @@ def _compare(repo: Repository, path: bytes, old: Entry | None, new: Entry | None
     if new is not None and (old is None or old["type"] != new["type"]):
         yield from _all(repo, "+", path, new)
     if old is not None and new is not None and old["type"] == new["type"]:
-        if old.get("chunks") != new.get("chunks") or old.get("target") != new.get("target"):
+        if any(old.get(k) != new.get(k) for k in ("chunks", "page_map", "target")):
             yield Change("M", path, new.get("size", 0) - old.get("size", 0))
         elif (old["mode"], old["mtime"]) != (new["mode"], new["mtime"]):
             yield Change("m", path, 0)

@@ -19,7 +19,8 @@ import msgpack
 
 from .errors import IntegrityError, UnsupportedFormat
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+OLDEST_READABLE_VERSION = 1  # version 1 stored databases as chunk lists, not page maps
 ID_SIZE = 32
 
 OBJECT_MAGIC = b"CSNP"
@@ -164,8 +165,9 @@ def open_object(kind: Kind, data: bytes, what: str) -> Any:
     magic, version, found_kind, flags, _ = OBJECT_HEADER.unpack_from(data)
     if magic != OBJECT_MAGIC:
         raise IntegrityError(f"{what}: not a clubsnap object (bad magic)")
-    if version != FORMAT_VERSION:
-        raise UnsupportedFormat(f"{what}: format version {version}, this clubsnap reads {FORMAT_VERSION}")
+    if not OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION:
+        raise UnsupportedFormat(f"{what}: format version {version}, this clubsnap reads "
+                                f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}")
     if found_kind != kind:
         raise IntegrityError(f"{what}: expected a {kind.name.lower()} object, found kind {found_kind}")
     payload = memoryview(data)[OBJECT_HEADER.size:]

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from .backend import Backend
 from .errors import IntegrityError, UnsupportedFormat
 from .format import (
-    FORMAT_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, BlobType,
+    FORMAT_VERSION, OLDEST_READABLE_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, BlobType,
     ChunkId, Kind, PackId, decode_blob, digest, open_object, pack_key, seal_object,
 )
 
@@ -95,8 +95,9 @@ def verify_pack(data: bytes, pack_id: PackId) -> list[BlobEntry]:
     magic, version = PACK_HEADER.unpack_from(data)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"{key}: bad pack magic")
-    if version != FORMAT_VERSION:
-        raise UnsupportedFormat(f"{key}: pack format version {version}, this clubsnap reads {FORMAT_VERSION}")
+    if not OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION:
+        raise UnsupportedFormat(f"{key}: pack format version {version}, this clubsnap reads "
+                                f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}")
     trailer_length, _ = PACK_FOOTER.unpack_from(data, len(data) - PACK_FOOTER.size)
     start = len(data) - PACK_FOOTER.size - trailer_length
     rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key)

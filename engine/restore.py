@@ -20,18 +20,22 @@ import errno
 import os
 import secrets
 import shutil
+import sqlite3
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import quote
 
-from .chunker import CDC, chunk_stream
+from .chunker import CDC, chunk_stream, fixed_chunks
 from .errors import (
     BackendError, IntegrityError, ObjectNotFound, StorageFull, TargetError, TargetInUse, UsageError,
 )
 from .format import ChunkId, PackId, decode_blob, digest, display, pack_key
 from .packs import BlobEntry, coalesce
+from .pagemap import file_chunks
 from .repository import Repository, SnapshotInfo
 from .backends.fs import fsync_dir
 from .sources.files import RESTORE_TEMP_MARK
@@ -40,17 +44,15 @@ from .tree import Entry, load_tree
 # -wal and -journal hold commits SQLite would apply over a restored file; -shm is an index.
 SQLITE_SIDECARS = (b"-wal", b"-journal", b"-shm")
 PRE_RESTORE_MARK = b".pre-restore-"
+OPEN_TEMPS = 64
 
 
 @dataclass
 class FilePlan:
     rel: bytes
     entry: Entry
-    identical: bool  # the target already holds exactly this content
-
-    @property
-    def chunks(self) -> list[ChunkId]:
-        return [ChunkId(c) for c in self.entry["chunks"]]
+    chunks: list[ChunkId]
+    identical: bool = False  # the target already holds exactly this content
 
 
 @dataclass
@@ -150,7 +152,7 @@ def _select(repo: Repository, tree: ChunkId, prefix: bytes, wanted: list[bytes],
             plan.dirs.append((rel, entry))
             _select(repo, ChunkId(entry["tree"]), rel + b"/", wanted, plan)
         elif inside and entry["type"] == "file":
-            plan.files.append(FilePlan(rel, entry, identical=False))
+            plan.files.append(FilePlan(rel, entry, file_chunks(repo, entry)))
         elif inside and entry["type"] == "symlink":
             plan.symlinks.append((rel, entry))
 
@@ -161,9 +163,8 @@ def _find_local_chunks(repo: Repository, plan: RestorePlan, scopes: list[bytes])
     by_path = {f.rel: f for f in plan.files}
     for rel in _existing_files(plan, root, scopes):
         planned = by_path.get(rel)
-        method = planned.entry["chunker"] if planned else CDC
         try:
-            found = list(_cut(os.path.join(root, rel), method, repo))
+            found = list(_cut(os.path.join(root, rel), planned.entry if planned else None, repo))
         except OSError:
             continue  # unreadable local file: nothing to reuse from it
         for chunk, offset, length in found:
@@ -177,10 +178,14 @@ def _has_sidecars(path: bytes) -> bool:
     return any(os.path.exists(path + suffix) for suffix in SQLITE_SIDECARS)
 
 
-def _cut(path: bytes, method: str, repo: Repository) -> Iterator[tuple[ChunkId, int, int]]:
+def _cut(path: bytes, entry: Entry | None, repo: Repository) -> Iterator[tuple[ChunkId, int, int]]:
+    """Chunks of a target file, cut the way ``entry`` (its snapshot entry) was: pages for a
+    captured database, else the entry's chunker (CDC for files the snapshot lacks)."""
     offset = 0
     with open(path, "rb") as handle:
-        for data in chunk_stream(handle, method, repo.config.chunker):
+        stream = (fixed_chunks(handle, entry["sqlite"]["page_size"]) if entry is not None and "page_map" in entry
+                  else chunk_stream(handle, entry["chunker"] if entry else CDC, repo.config.chunker))
+        for data in stream:
             yield ChunkId(digest(data)), offset, len(data)
             offset += len(data)
 
@@ -267,6 +272,7 @@ class _Writer:
                  progress: Callable[[int, int], None] | None) -> None:
         self.repo, self.plan, self.root, self.owner, self.progress = repo, plan, root, owner, progress
         self.temps: dict[bytes, bytes] = {}
+        self.fds: dict[bytes, int] = {}
         self.result = RestoreResult()
         self.total = sum(f.entry["size"] for f in plan.to_write)
 
@@ -285,6 +291,9 @@ class _Writer:
             self._fetch(missing)
             self._install_files()
         finally:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
             for temp in self.temps.values():
                 if os.path.exists(temp):
                     os.unlink(temp)
@@ -365,16 +374,26 @@ class _Writer:
 
     def _place(self, data: bytes, places: list[tuple[bytes, int]]) -> None:
         for temp, offset in places:
-            fd = os.open(temp, os.O_WRONLY)
-            try:
-                os.pwrite(fd, data, offset)
-            finally:
-                os.close(fd)
+            os.pwrite(self._fd(temp), data, offset)
             self.result.bytes_written += len(data)
             if self.progress:
                 self.progress(self.result.bytes_written, self.total)
 
+    def _fd(self, temp: bytes) -> int:
+        """Temp files stay open while chunks land (a database gets one write per page);
+        a few at a time, so that a restore of many files never runs out of descriptors."""
+        fd = self.fds.pop(temp, None)
+        if fd is None:
+            if len(self.fds) >= OPEN_TEMPS:
+                os.close(self.fds.pop(next(iter(self.fds))))
+            fd = os.open(temp, os.O_WRONLY)
+        self.fds[temp] = fd  # most recently used last
+        return fd
+
     def _install_files(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
         # Every temporary file's data is made durable before any rename: one sync(2)
         # (which on Linux waits for writeback) instead of thousands of fsyncs.
         os.sync()
@@ -384,7 +403,7 @@ class _Writer:
                 _apply_meta(path, plan.entry, self.owner)
                 continue
             temp = self.temps[plan.rel]
-            _apply_meta(temp, plan.entry, self.owner)
+            _apply_meta(temp, _replacing(path, plan.entry), self.owner)
             if "sqlite" in plan.entry:
                 self._move_sqlite_set_aside(path)
             os.replace(temp, path)
@@ -438,6 +457,39 @@ def _chunk_sizes(repo: Repository, plan: RestorePlan, file: FilePlan) -> Iterato
     for chunk in file.chunks:
         local = plan.local.get(chunk)
         yield local[2] if local else repo.locate(chunk).raw_length
+
+
+def _replacing(path: bytes, entry: Entry) -> Entry:
+    """A database keeps the owner, group and mode of the file it replaces: club runs as
+    its own user, and a database it cannot write (or whose directory it cannot create a
+    WAL in) turns club read-only (SQLITE_NOTES §5.3)."""
+    if "sqlite" not in entry:
+        return entry
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return entry
+    return {**entry, "uid": st.st_uid, "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode)}
+
+
+def check_databases(plan: RestorePlan, thorough: bool = True) -> dict[str, str]:
+    """``integrity_check`` (or ``quick_check``) of every restored database, by path:
+    "ok" or SQLite's first complaints. Opened immutable, so no sidecar is created."""
+    results = {}
+    for file in plan.files:
+        if "sqlite" not in file.entry:
+            continue
+        path = os.fsdecode(os.path.join(os.fsencode(plan.target), file.rel))
+        try:
+            conn = sqlite3.connect(f"file:{quote(path)}?mode=ro&immutable=1", uri=True)
+            try:
+                rows = [r[0] for r in conn.execute(f"PRAGMA {'integrity_check' if thorough else 'quick_check'}")]
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            rows = [str(exc)]
+        results[display(file.rel)] = "ok" if rows == ["ok"] else "; ".join(rows[:5])
+    return results
 
 
 def _read_local(path: bytes, offset: int, length: int) -> bytes | None:

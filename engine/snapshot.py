@@ -10,6 +10,7 @@ scan is the only window left, and the SQLite issue closes it.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
 import time
@@ -21,13 +22,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .catalog import CachedFile
-from .chunker import CDC, FIXED, chunk_stream
+from .chunker import CDC, chunk_stream
+from .clubcheck import Expected, expected_blobs
+from .consistency import CLUB_DB, Cut, consistent_cut
 from .errors import SourceError
 from .format import BlobType, ChunkId, display
 from .repository import Repository, SnapshotInfo, WriteStats
 from .sources import sqlite as sqlite_source
 from .sources.files import Item, Scan, scan_tier, tiers_for
-from .tree import Entry, store_tree
+from .pagemap import store_page_map
+from .tree import Entry, lookup, store_tree
 
 # A file whose ctime is this close to the scan start may still be changing within one
 # tick of the kernel's coarse file clock; it is snapshotted but not trusted by the cache.
@@ -47,11 +51,11 @@ class SnapshotOptions:
     source: Path
     host: str
     now: Callable[[], datetime]
-    temp_dir: Path
     tags: list[str] = field(default_factory=list)
     include_logs: bool = False
     workers: int = 3
     progress: Callable[[Progress], None] | None = None
+    verify: bool = False  # check the blobs the database names against the snapshot (no reads)
 
 
 @dataclass
@@ -94,19 +98,22 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     # The consistent-cut rule: the databases are captured before the blobs are even
     # listed, so every tarball a captured row names was already written (club commits
     # the row first, then writes the blob). The snapshot's time is the capture's.
+    parent = _parent(repo, source_key, options.host)
     scan = Scan()
     scan_tier(root, "db", scan)
     start = options.now()
-    entries = builder.capture_databases(scan)
+    entries = builder.capture_databases(scan, parent)
     for tier in tiers_for(options.include_logs):
         if tier != "db":
             scan_tier(root, tier, scan)
     builder.files_total = len(scan.files) + len(scan.databases)
     entries.update(builder.read_files(scan))
-    tree = _build_trees(repo, scan.items, entries)
+    cut = consistent_cut(repo, builder.expected, entries, parent, verify=options.verify)
+    entries.update(cut.carried)
+    tree = _build_trees(repo, scan.items, entries, cut.dirs)
     repo.flush()  # every pack and index durable, and counted, before the record is written
     written = repo.stats.since(written_before)
-    record = _snapshot_record(options, source_key, start, tree, builder, scan, repo, written)
+    record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut)
     info = repo.save_snapshot(record, start)
     repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
     return SnapshotResult(info, record["stats"], scan.errors + builder.errors)
@@ -133,6 +140,7 @@ class _SnapshotBuilder:
         self.stats = SourceStats()
         self.errors: list[str] = []
         self.databases: list[dict[str, Any]] = []
+        self.expected: list[Expected] | None = None  # blobs the captured club.db names
         self.cache_updates: dict[bytes, CachedFile] = {}
         self.seen: set[bytes] = set()
         self._bytes_done = 0
@@ -140,32 +148,31 @@ class _SnapshotBuilder:
         self._count_lock = threading.Lock()
         self.files_total = 0
 
-    def capture_databases(self, scan: Scan) -> dict[bytes, Entry]:
+    def capture_databases(self, scan: Scan, parent: SnapshotInfo | None) -> dict[bytes, Entry]:
         entries: dict[bytes, Entry] = {}
         for item in scan.databases:
+            parent_entry = _entry_at(self.repo, parent, item.rel)
+            parent_map = ChunkId(parent_entry["page_map"]) if parent_entry and "page_map" in parent_entry else None
+            added_before = self.repo.stats.blobs_added
             try:
-                image = sqlite_source.capture(os.fsdecode(item.path), self.options.temp_dir)
+                with sqlite_source.pinned_image(os.fsdecode(item.path)) as image:
+                    ids = bytearray()
+                    for page in image.pages():
+                        ids += self.repo.add_blob(BlobType.DATA, page)
+                    if item.rel == CLUB_DB:
+                        self.expected = _club_expectations(image.connection)
+                    info, page_size, size = image.info, image.page_size, image.size
             except sqlite_source.CaptureError as exc:
                 self.errors.append(f"{display(item.rel)}: cannot capture SQLite database ({exc})")
                 continue
-            added_before = self.repo.stats.blobs_added
-            try:
-                with open(image.path, "rb") as handle:
-                    chunks = [self.repo.add_blob(BlobType.DATA, c)
-                              for c in chunk_stream(handle, FIXED, self.repo.config.chunker)]
-                size = image.path.stat().st_size
-            finally:
-                image.path.unlink(missing_ok=True)
-            entries[item.rel] = _file_entry(item, size, chunks, FIXED) | {"sqlite": image.info}
-            self.databases.append({"path": item.rel, **image.info})
+            page_map = store_page_map(self.repo, bytes(ids), page_size, parent_map)
+            entries[item.rel] = {**_meta(item), "type": "file", "size": size, "sqlite": info,
+                                 "page_map": bytes(page_map)}
+            self.databases.append({"path": item.rel, **info})
             self.stats.bytes_total += size
             unchanged = self.repo.stats.blobs_added == added_before
-            self._count(item.rel, size, read=size, unchanged=unchanged, changed=item.rel in self.cache)
-            # Remembered only so the next run can tell "changed" from "new"; inode -1 never
-            # matches a real file, since a database is never skipped on its stat (its WAL
-            # changes while the main file does not).
+            self._count(item.rel, size, read=size, unchanged=unchanged, changed=parent_entry is not None)
             self.seen.add(item.rel)
-            self.cache_updates[item.rel] = CachedFile(size, 0, 0, -1, chunks)
         return entries
 
     def read_files(self, scan: Scan) -> dict[bytes, Entry]:
@@ -253,27 +260,31 @@ def _meta(item: Item) -> Entry:
             "mtime": st.st_mtime_ns, "uid": st.st_uid, "gid": st.st_gid}
 
 
-def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry]) -> ChunkId:
-    """Store directory trees bottom-up; returns the root tree id."""
+def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
+                 extra_dirs: dict[bytes, Entry]) -> ChunkId:
+    """Store directory trees bottom-up; returns the root tree id.
+
+    ``files`` holds every file entry by path (carried-forward ones included);
+    ``extra_dirs`` the directories only carried-forward files still need.
+    """
     children: dict[bytes, list[Entry]] = defaultdict(list)
-    dirs = [i for i in items if i.kind == "dir"]
+    for rel, entry in files.items():
+        children[os.path.dirname(rel)].append(entry)
+    dirs = extra_dirs | {i.rel: _meta(i) for i in items if i.kind == "dir"}
     for item in items:
-        parent = os.path.dirname(item.rel)
-        if item.kind in ("file", "sqlite") and item.rel in files:
-            children[parent].append(files[item.rel])
-        elif item.kind == "symlink":
-            children[parent].append({**_meta(item), "type": "symlink", "target": os.readlink(item.path)})
-    for item in sorted(dirs, key=lambda d: d.rel.count(b"/"), reverse=True):
-        entries = sorted(children.pop(item.rel, []), key=lambda e: e["name"])
+        if item.kind == "symlink":
+            children[os.path.dirname(item.rel)].append(
+                {**_meta(item), "type": "symlink", "target": os.readlink(item.path)})
+    for rel in sorted(dirs, key=lambda d: d.count(b"/"), reverse=True):
+        entries = sorted(children.pop(rel, []), key=lambda e: e["name"])
         tree = store_tree(repo, entries)
-        children[os.path.dirname(item.rel)].append({**_meta(item), "type": "dir", "tree": bytes(tree)})
+        children[os.path.dirname(rel)].append({**dirs[rel], "type": "dir", "tree": bytes(tree)})
     return store_tree(repo, sorted(children.pop(b"", []), key=lambda e: e["name"]))
 
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,
-                     builder: _SnapshotBuilder, scan: Scan, repo: Repository,
-                     written: WriteStats) -> dict[str, Any]:
-    parent = _parent(repo, source, options.host)
+                     builder: _SnapshotBuilder, scan: Scan, parent: SnapshotInfo | None,
+                     written: WriteStats, cut: Cut) -> dict[str, Any]:
     stats = builder.stats
     return {
         "time": start.isoformat(),
@@ -284,6 +295,7 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
         "tree": bytes(tree),
         "tiers": stats.tiers,
         "databases": builder.databases,
+        **cut.to_record(),
         "partial": bool(scan.errors or builder.errors),
         "errors": (scan.errors + builder.errors)[:100],
         "stats": {**{k: v for k, v in asdict(stats).items() if k != "tiers"},
@@ -296,7 +308,22 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
 
 
 def _parent(repo: Repository, source: str, host: str) -> SnapshotInfo | None:
-    for snap in reversed(repo.snapshots()):
+    """The newest snapshot of the same source and host: records are read newest first
+    and only until one matches, so the cost does not grow with the number of snapshots."""
+    for _, _, key in reversed(repo.snapshot_keys()):
+        snap = repo.load_snapshot(key)
         if snap.record.get("source") == source and snap.record.get("host") == host:
             return snap
     return None
+
+
+def _entry_at(repo: Repository, snapshot: SnapshotInfo | None, rel: bytes) -> Entry | None:
+    found = lookup(repo, snapshot.tree, rel) if snapshot else None
+    return found[-1] if found else None
+
+
+def _club_expectations(conn: sqlite3.Connection) -> list[Expected] | None:
+    try:
+        return expected_blobs(conn)
+    except sqlite3.Error:
+        return None  # not club's schema (or not yet): nothing to hold blobs to

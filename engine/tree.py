@@ -60,3 +60,17 @@ def walk(store: BlobStore, tree_id: ChunkId, prefix: bytes = b"") -> Iterator[tu
         yield path, entry
         if entry["type"] == "dir":
             yield from walk(store, ChunkId(entry["tree"]), path + b"/")
+
+
+def lookup(store: BlobStore, tree_id: ChunkId, rel: bytes) -> list[Entry] | None:
+    """The entries along ``rel`` (a/b/c: a's, b's, c's), or None when it is not there."""
+    found = []
+    for name in rel.split(b"/"):
+        entry = next((e for e in load_tree(store, tree_id) if e["name"] == name), None)
+        if entry is None:
+            return None
+        found.append(entry)
+        if entry["type"] != "dir":
+            break
+        tree_id = ChunkId(entry["tree"])
+    return found if len(found) == rel.count(b"/") + 1 else None

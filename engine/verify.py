@@ -20,8 +20,9 @@ from .format import (
     pack_key, parse_snapshot_key,
 )
 from .packs import verify_pack
+from .pagemap import file_chunks
 from .repository import Repository, SnapshotInfo
-from .tree import load_tree, walk
+from .tree import Entry, load_tree, walk
 
 
 @dataclass
@@ -110,13 +111,23 @@ def _check_snapshots(repo: Repository, snapshots: list[SnapshotInfo], report: Ch
                 if entry["type"] == "dir":
                     stack.append((path + b"/", ChunkId(entry["tree"])))
                 elif entry["type"] == "file":
-                    _check_chunks(repo, snap, path, entry["chunks"], seen_chunks, report)
+                    _check_file(repo, snap, path, entry, seen_chunks, report)
 
 
-def _check_chunks(repo: Repository, snap: SnapshotInfo, path: bytes, chunks: list[bytes],
-                  seen: set[ChunkId], report: CheckReport) -> None:
-    for raw in chunks:
-        chunk = ChunkId(raw)
+def _check_file(repo: Repository, snap: SnapshotInfo, path: bytes, entry: Entry,
+                seen: set[ChunkId], report: CheckReport) -> None:
+    if "page_map" in entry:
+        if ChunkId(entry["page_map"]) in seen:
+            return  # an unchanged database shares its parent's map, already checked
+        try:
+            chunks = file_chunks(repo, entry)
+        except EngineError as exc:
+            report.errors.append(f"snapshot {snap.id.short()} {_show(path)}: page map: {exc}")
+            return
+        seen.add(ChunkId(entry["page_map"]))
+    else:
+        chunks = file_chunks(repo, entry)
+    for chunk in chunks:
         if chunk in seen:
             continue
         if not repo.catalog.has_blob(chunk):
@@ -161,7 +172,7 @@ def _name_victims(repo: Repository, snapshots: list[SnapshotInfo], bad: set[Chun
     for snap in snapshots:
         try:
             for path, entry in walk(repo, snap.tree):
-                if entry["type"] == "file" and bad & {ChunkId(c) for c in entry["chunks"]}:
+                if entry["type"] == "file" and bad & set(file_chunks(repo, entry)):
                     report.errors.append(f"snapshot {snap.id.short()} {_show(path)}: damaged data")
         except EngineError:
             continue  # a damaged tree is already reported by the structure check

@@ -41,7 +41,7 @@ def test_restored_club_is_consistent(restored: Path, cli: Cli) -> None:
     report = check_club(restored)
     assert report.ok, report.missing + report.database
     assert report.checked["versions"] > 10 and report.checked["dartdoc"] > 0
-    result = cli("verify", str(restored), "--json")
+    result = cli("verify", "--data", str(restored), "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["ok"]
 
 
@@ -60,7 +60,7 @@ def test_missing_and_altered_blobs_are_named(restored: Path, tmp_path: Path, cli
     assert str(tarballs[0].relative_to(club / "blobs")) in keys
     assert str(tarballs[1].relative_to(club / "blobs")) in keys
     assert not shots or str(shots[0].relative_to(club / "blobs")) in keys
-    result = cli("verify", str(club))
+    result = cli("verify", "--data", str(club))
     assert result.returncode == 18 and "missing" in result.stdout
 
 

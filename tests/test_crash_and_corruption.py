@@ -133,7 +133,7 @@ def test_crash_at_every_write_leaves_a_valid_repository(tmp_path: Path, clock: C
     writes = 0
     while True:
         repo = Repository.open(_DyingBackend(store, writes), tmp_path / f"c{writes % 3}")
-        options = SnapshotOptions(source=data, host="h", now=clock, temp_dir=tmp_path / "scratch")
+        options = SnapshotOptions(source=data, host="h", now=clock)
         try:
             create_snapshot(repo, options)
             break

@@ -25,6 +25,7 @@ def _spec_constants() -> dict[str, str]:
 def test_spec_constants_match_code() -> None:
     code = {
         "FORMAT_VERSION": str(fmt.FORMAT_VERSION), "ID_SIZE": str(fmt.ID_SIZE),
+        "OLDEST_READABLE_VERSION": str(fmt.OLDEST_READABLE_VERSION),
         "OBJECT_MAGIC": fmt.OBJECT_MAGIC.decode(), "PACK_MAGIC": fmt.PACK_MAGIC.decode(),
         "PACK_FOOTER_MAGIC": fmt.PACK_FOOTER_MAGIC.decode(),
         "MIN_COMPRESSION_GAIN": str(fmt.MIN_COMPRESSION_GAIN),
@@ -102,6 +103,10 @@ def _table_keys(section_title: str) -> list[str]:
     return re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE)
 
 
+def record_tree(record: dict[str, object]) -> "fmt.ChunkId":
+    return fmt.ChunkId(record["tree"])  # type: ignore[arg-type]
+
+
 def test_spec_tables_list_exactly_the_record_fields(tmp_path: Path) -> None:
     import sqlite3
 
@@ -115,9 +120,19 @@ def test_spec_tables_list_exactly_the_record_fields(tmp_path: Path) -> None:
     (data / "blobs" / "f").write_bytes(b"x")
     now = lambda: datetime(2026, 1, 1, tzinfo=timezone.utc)  # noqa: E731
     repo = Repository.init(open_backend(str(tmp_path / "repo")), tmp_path / "cache", now)
-    record = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=now, temp_dir=tmp_path / "t")).info.record
-    assert sorted(_table_keys("### 6.4 snapshot")) == sorted(record)
+    record = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=now)).info.record
+    section = SPEC.split("### 6.4 snapshot", 1)[1].split("\n#", 1)[0]
+    optional = re.findall(r"^\| `(\w+)` \| [^|]+ \| optional", section, re.MULTILINE)
+    assert optional == ["carried_forward", "dangling", "verified"]
+    assert sorted(set(_table_keys("### 6.4 snapshot")) - set(optional)) == sorted(record)
     assert sorted(_table_keys("### 6.1 config")) == sorted(repo.config.to_record())
+    from engine.pagemap import _read
+    from engine.tree import lookup
+
+    entry = lookup(repo, record_tree(record), b"db/club.db")[-1]  # type: ignore[index]
+    base = _read(repo, fmt.ChunkId(entry["page_map"]))
+    pagemap_keys = set(_table_keys("### 6.5 SQLite"))
+    assert set(base) <= pagemap_keys and pagemap_keys - set(base) == {"base", "ref", "changes", "delta_bytes"}
     stats_row = next(line for line in SPEC.splitlines() if line.startswith("| `stats` |"))
     assert sorted(re.findall(r"`(\w+)`", stats_row)[1:]) == sorted(record["stats"])
     repo.close()

@@ -33,7 +33,7 @@ def _data(root: Path, rows: int = 200) -> Path:
 
 def _snap(repo: Repository, data: Path, clock: Clock, tmp_path: Path):  # type: ignore[no-untyped-def]
     clock.advance(minutes=1)
-    return create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock, temp_dir=tmp_path / "s")).info
+    return create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
 
 
 def _rows(db: Path) -> list[str]:
@@ -105,12 +105,18 @@ def test_file_and_directory_swaps_need_delete(repo: Repository, clock: Clock, tm
 def test_reused_bytes_match_between_plan_and_result(repo: Repository, clock: Clock, tmp_path: Path) -> None:
     data = _data(tmp_path / "data", rows=5000)
     snap = _snap(repo, data, clock, tmp_path)
+    assert plan_restore(repo, snap, data).to_write == []  # the capture is byte-identical
+    conn = sqlite3.connect(data / "db" / "club.db")
+    conn.execute("UPDATE t SET x = 'changed' WHERE rowid = 2500")
+    conn.commit()
+    conn.close()
     plan = plan_restore(repo, snap, data)
-    # The backup API rewrites three header fields of page 1, so only the database's
-    # first chunk is fetched; everything else is reused.
+    # One page changed (plus the header page): only those are fetched, the rest is reused.
     assert [f.rel for f in plan.to_write] == [b"db/club.db"]
-    assert plan.bytes_reused > 5000 + 16384
+    assert 1 <= sum(len(blobs) for blobs in plan.fetch.values()) <= 3
+    assert plan.bytes_reused > 5000 + (data / "db" / "club.db").stat().st_size - 3 * 4096
     assert apply_restore(repo, plan).bytes_reused == plan.bytes_reused
+    assert _rows(data / "db" / "club.db")[2499] == "snap2499"
 
 
 def test_retry_after_a_failed_upload_with_the_same_repository(tmp_path: Path, clock: Clock, cache_dir: Path) -> None:

@@ -15,7 +15,8 @@ import pytest
 
 from benchmarks.clubgen import generate, one_day
 from engine import Repository, apply_restore, create_snapshot, plan_restore
-from engine.chunker import chunk_stream
+from engine.chunker import chunk_stream, fixed_chunks
+from engine.pagemap import file_chunks
 from engine.format import DATA_PREFIX, PackId, chunk_id
 from engine.packs import read_trailer
 from engine.snapshot import SnapshotOptions
@@ -26,7 +27,7 @@ from .conftest import Clock, reopen
 
 
 def _options(data: Path, clock: Clock, tmp_path: Path, **extra: object) -> SnapshotOptions:
-    return SnapshotOptions(source=data, host="test-host", now=clock, temp_dir=tmp_path / "scratch", **extra)
+    return SnapshotOptions(source=data, host="test-host", now=clock, **extra)
 
 
 @pytest.fixture
@@ -109,10 +110,11 @@ def test_rollback_over_newer_target_fetches_only_differing_chunks(
     local = set()
     for path in target.rglob("*"):
         if path.is_file():
-            method = "fixed" if path.name == "club.db" else "cdc"
             with open(path, "rb") as handle:
-                local |= {chunk_id(c) for c in chunk_stream(handle, method, repo.config.chunker)}
-    needed = {c for p, e in walk(repo, first.tree) if e["type"] == "file" for c in e["chunks"]} - local
+                chunks = (fixed_chunks(handle, 4096) if path.name == "club.db"
+                          else chunk_stream(handle, "cdc", repo.config.chunker))
+                local |= {chunk_id(c) for c in chunks}
+    needed = {c for p, e in walk(repo, first.tree) if e["type"] == "file" for c in file_chunks(repo, e)} - local
 
     plan, result = _restore(repo, first, target, delete=True)
     fetched_ids = {b.id for blobs in plan.fetch.values() for b in blobs}

@@ -46,8 +46,7 @@ def main() -> None:
         _data_dir(data)
         when = datetime(2026, 4, 9, 12, 0, tzinfo=timezone.utc)
         repo = Repository.init(open_backend(str(HERE / "repo")), Path(tmp) / "cache", lambda: when)
-        info = create_snapshot(repo, SnapshotOptions(source=data, host="golden", now=lambda: when,
-                                                     temp_dir=Path(tmp) / "scratch")).info
+        info = create_snapshot(repo, SnapshotOptions(source=data, host="golden", now=lambda: when)).info
         repo.close()
         expected = {"snapshot": info.id.hex(), "time": info.time.isoformat(), "state": club_state(data, live=True)}
     (HERE / "expected.json").write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")

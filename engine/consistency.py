@@ -1,0 +1,77 @@
+"""One consistent cut between club.db and blobs/ (CLUB_DATA §2.2 and §5).
+
+The database is captured first, the blobs scanned after. club commits a publish's row
+before writing its blobs, so a blob the captured rows name was already written; and it
+deletes a version's blobs before its row, so a tarball can vanish during the scan while
+the captured rows still name it. Such a blob is carried forward from the parent snapshot
+(it was there, unchanged: blobs are immutable) and the snapshot lists it. A publish that
+lands during the scan is at worst an orphan: a blob no captured row names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clubcheck import Expected
+from .format import display
+from .repository import Repository, SnapshotInfo
+from .tree import Entry, lookup
+
+CLUB_DB = b"db/club.db"
+MAX_LISTED = 100  # problems or carried paths a record lists by name
+
+
+@dataclass
+class Cut:
+    carried: dict[bytes, Entry] = field(default_factory=dict)  # path -> the parent's entry
+    dirs: dict[bytes, Entry] = field(default_factory=dict)     # directories only those need
+    dangling: list[str] = field(default_factory=list)          # named, in neither snapshot
+    verification: dict[str, Any] | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        if self.carried:
+            record["carried_forward"] = sorted(display(rel) for rel in self.carried)[:MAX_LISTED]
+        if self.dangling:
+            record["dangling"] = self.dangling[:MAX_LISTED]
+        if self.verification is not None:
+            record["verified"] = self.verification
+        return record
+
+
+def consistent_cut(repo: Repository, expected: list[Expected] | None, entries: dict[bytes, Entry],
+                   parent: SnapshotInfo | None, verify: bool) -> Cut:
+    """Carry forward what the captured database names but the scan no longer found;
+    with ``verify``, also hold every named blob's size to the row (no data is read)."""
+    cut = Cut()
+    if expected is None:
+        return cut
+    for item in expected:
+        rel = b"blobs/" + item.key.encode()
+        if rel in entries:
+            continue
+        found = lookup(repo, parent.tree, rel) if parent else None
+        if found is None or found[-1]["type"] != "file":
+            cut.dangling.append(item.key)
+            continue
+        cut.carried[rel] = found[-1]
+        parts = rel.split(b"/")
+        for depth, entry in enumerate(found[:-1]):
+            cut.dirs.setdefault(b"/".join(parts[:depth + 1]),
+                                {k: v for k, v in entry.items() if k not in ("type", "tree")})
+    if verify:
+        cut.verification = _verify(expected, entries | cut.carried)
+    return cut
+
+
+def _verify(expected: list[Expected], entries: dict[bytes, Entry]) -> dict[str, Any]:
+    problems = []
+    for item in expected:
+        entry = entries.get(b"blobs/" + item.key.encode())
+        if entry is None or entry["type"] != "file":
+            problems.append(f"{item.key}: missing")
+        elif item.size is not None and entry["size"] != item.size:
+            problems.append(f"{item.key}: size {entry['size']}, database says {item.size}")
+    return {"consistent": not problems, "checked": len(expected), "problems": problems[:MAX_LISTED],
+            "problem_count": len(problems)}

@@ -1,0 +1,255 @@
+"""Page-level capture of live SQLite databases (issue 4): byte-exact images under a real
+writer process, numbered-row consistency across a snapshot loop, rollback-journal mode,
+page maps that cost what changed, and restores that keep the file's owner."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from engine import Repository, apply_restore, create_snapshot, plan_restore
+from engine.format import BlobType, ChunkId, digest
+from engine.pagemap import LEAF_PAGES, load_page_ids, map_blobs, store_page_map
+from engine.restore import check_databases
+from engine.snapshot import SnapshotOptions
+from engine.sources import sqlite as capture
+
+from .conftest import Clock
+
+WRITER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=10, isolation_level=None)
+conn.execute("PRAGMA busy_timeout=5000")
+pause = float(sys.argv[2])
+n = conn.execute("SELECT coalesce(max(n), 0) FROM numbered").fetchone()[0]
+while True:
+    n += 1
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO numbered VALUES (?, randomblob(300))", (n,))
+    conn.execute("UPDATE counters SET hits = hits + 1 WHERE id = ?", (n * 7919 % 2000,))
+    conn.execute("COMMIT")
+    if pause:
+        time.sleep(pause)
+"""
+
+
+def _database(path: Path, journal: str = "wal") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA journal_mode={journal}")
+    conn.execute("CREATE TABLE numbered(n INTEGER PRIMARY KEY, pad BLOB)")
+    conn.execute("CREATE TABLE counters(id INTEGER PRIMARY KEY, hits INTEGER, pad TEXT)")
+    conn.executemany("INSERT INTO counters VALUES (?, 0, ?)", [(i, "x" * 300) for i in range(2000)])
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _writer(db: Path, pause: float) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(pause)])
+    deadline = time.monotonic() + 10
+    while _count(db) < 20 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return process
+
+
+def _count(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(conn.execute("SELECT count(*) FROM numbered").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _image_and_oracle(db: Path) -> tuple[bytes, bytes, dict[str, object]]:
+    with capture.pinned_image(str(db)) as image:
+        pages = b"".join(image.pages())
+        oracle = sqlite3.connect(":memory:")
+        image.connection.backup(oracle)  # same read transaction: the same commit
+        return pages, oracle.serialize(), image.info
+
+
+def _same_except_backup_header(image: bytes, oracle: bytes) -> bool:
+    """The backup API rewrites the change counter, schema cookie and version-valid-for
+    fields of page 1 (SQLITE_NOTES §1.2a); every other byte must match."""
+    a, b = bytearray(image), bytearray(oracle)
+    for offset in (24, 40, 92):
+        a[offset:offset + 4] = b[offset:offset + 4]
+    return a == b
+
+
+@pytest.mark.parametrize("pause", [0.002, 0.0])
+def test_capture_equals_the_backup_api_under_a_writer_process(tmp_path: Path, pause: float) -> None:
+    db = _database(tmp_path / "club.db")
+    writer = _writer(db, pause)
+    try:
+        for _ in range(15):
+            image, oracle, info = _image_and_oracle(db)
+            assert _same_except_backup_header(image, oracle)
+            assert info["journal_mode"] == "wal"
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_sealed_capture_when_the_writer_never_pauses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(capture, "OPTIMISTIC_TRIES", 0)  # go straight to the sealed pin
+    db = _database(tmp_path / "club.db")
+    writer = _writer(db, 0.0)
+    try:
+        for _ in range(5):
+            image, oracle, info = _image_and_oracle(db)
+            assert _same_except_backup_header(image, oracle)
+            assert info["sealed"] is True and float(info["seal_ms"]) < 1000  # type: ignore[arg-type]
+        before = _count(db)
+        time.sleep(0.2)
+        assert _count(db) > before  # the writer was never stopped for good
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_rollback_journal_database_is_read_under_its_shared_lock(tmp_path: Path) -> None:
+    db = _database(tmp_path / "club.db", journal="delete")
+    writer = _writer(db, 0.001)
+    try:
+        for _ in range(5):
+            image, oracle, info = _image_and_oracle(db)
+            assert info["journal_mode"] == "rollback"
+            assert _same_except_backup_header(image, oracle)
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_every_snapshot_holds_rows_one_to_n_without_a_gap(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    """The issue's acceptance test: a writer commits numbered rows while snapshots are
+    taken in a loop; each restored database passes integrity_check and holds exactly
+    rows 1..N, N between the counts seen just before and just after that snapshot."""
+    data = tmp_path / "data"
+    db = _database(data / "db" / "club.db")
+    (data / "blobs").mkdir()
+    writer = _writer(db, 0.001)
+    taken = []
+    try:
+        for _ in range(8):
+            before = _count(db)
+            snap = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
+            taken.append((snap, before, _count(db)))
+            clock.advance(minutes=1)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert taken[-1][1] > taken[0][1]  # the writer really ran throughout
+    for snap, before, after in taken:
+        target = tmp_path / f"r-{snap.id.short()}"
+        plan = plan_restore(repo, snap, target)
+        apply_restore(repo, plan)
+        assert check_databases(plan) == {"db/club.db": "ok"}
+        conn = sqlite3.connect(f"file:{target / 'db' / 'club.db'}?mode=ro&immutable=1", uri=True)
+        count, low, high = conn.execute("SELECT count(*), min(n), max(n) FROM numbered").fetchone()
+        conn.close()
+        assert low == 1 and high == count and before <= count <= after
+
+
+def test_a_database_that_does_not_exist_yet_and_then_does(repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "db").mkdir(parents=True)
+    (data / "blobs").mkdir()
+    first = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock))
+    assert first.info.record["databases"] == [] and not first.partial
+    _database(data / "db" / "club.db")
+    clock.advance(minutes=1)
+    second = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock))
+    assert [d["path"] for d in second.info.record["databases"]] == [b"db/club.db"]
+
+
+def test_restore_keeps_the_replaced_databases_owner_and_mode(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    db = _database(data / "db" / "club.db")
+    (data / "blobs").mkdir()
+    snap = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
+    target = tmp_path / "target"
+    apply_restore(repo, plan_restore(repo, snap, target))
+    conn = sqlite3.connect(target / "db" / "club.db")
+    conn.execute("INSERT INTO numbered VALUES (1, NULL)")
+    conn.commit()
+    conn.close()
+    restored = target / "db" / "club.db"
+    if os.geteuid() == 0:
+        os.chown(restored, 65534, 65534)
+    os.chmod(restored, 0o640)
+    apply_restore(repo, plan_restore(repo, snap, target))
+    st = restored.stat()
+    assert st.st_mode & 0o777 == 0o640
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (65534, 65534)
+    assert restored.read_bytes() == db.read_bytes() or _count(restored) == 0
+
+
+class _Blobs:
+    """An in-memory blob store: the page-map algorithm on its own, with read counting."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[ChunkId, bytes] = {}
+        self.reads = 0
+
+    def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
+        key = ChunkId(digest(raw))
+        self.blobs[key] = raw
+        return key
+
+    def read_blob(self, blob_id: ChunkId) -> bytes:
+        self.reads += 1
+        return self.blobs[blob_id]
+
+
+def _page_ids(pages: int, version: dict[int, int]) -> bytes:
+    return b"".join(digest(f"{p}:{version.get(p, 0)}".encode()) for p in range(1, pages + 1))
+
+
+def _snapshots(store: _Blobs, count: int, pages: int, changes_per_snapshot: int) -> Iterator[tuple[ChunkId, bytes]]:
+    version: dict[int, int] = {}
+    parent = None
+    for n in range(count):
+        for i in range(changes_per_snapshot):
+            page = (n * 7919 + i * 104729) % pages + 1
+            version[page] = version.get(page, 0) + 1
+        pages += n % 3 == 0  # the database grows now and then
+        ids = _page_ids(pages, version)
+        parent = store_page_map(store, ids, 4096, parent)
+        yield parent, ids
+
+
+def test_page_maps_restore_exactly_and_cost_what_changed() -> None:
+    store = _Blobs()
+    pages = 5 * LEAF_PAGES
+    maps = list(_snapshots(store, 130, pages, changes_per_snapshot=20))
+    for map_id, ids in maps:
+        assert load_page_ids(store, map_id) == ids
+        records = [b for b in map_blobs(store, map_id) if b"page_map" in store.blobs[b]]
+        assert len(records) <= 1 + 8  # the base and at most popcount(n) <= log2(256) deltas
+    sizes = [len(store.blobs[m]) for m, _ in maps[1:]]
+    # The average map costs a small multiple of its 20 changed pages' 36-byte entries,
+    # amortised rebasing included; a flat list of 5k ids would be 160 KiB each.
+    rebase_bytes = sum(len(b) for b in store.blobs.values() if b"page_ids" in b)
+    assert (sum(sizes) + rebase_bytes) / len(sizes) < 20 * 36 * 12
+
+
+def test_an_unchanged_database_shares_its_parents_map_and_a_rewrite_rebases() -> None:
+    store = _Blobs()
+    ids = _page_ids(3000, {})
+    first = store_page_map(store, ids, 4096, None)
+    assert store_page_map(store, ids, 4096, first) == first
+    rewritten = _page_ids(3000, {p: 1 for p in range(1, 3001)})
+    rebased = store_page_map(store, rewritten, 4096, first)
+    assert b"base" in store.blobs[rebased] and load_page_ids(store, rebased) == rewritten
