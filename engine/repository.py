@@ -75,6 +75,8 @@ class WriteStats:
 
     blobs_added: int = 0
     raw_bytes_added: int = 0
+    stored_bytes_added: int = 0  # blob bytes as stored (compressed), before pack overhead
+    tree_bytes_added: int = 0    # the part of those that is metadata (trees, page maps)
     packs_written: int = 0
     pack_bytes_written: int = 0
     index_objects_written: int = 0
@@ -196,6 +198,9 @@ class Repository:
             builder.add(blob_id, encoded, len(raw))
             self.stats.blobs_added += 1
             self.stats.raw_bytes_added += len(raw)
+            self.stats.stored_bytes_added += len(encoded)
+            if blob_type == BlobType.TREE:
+                self.stats.tree_bytes_added += len(encoded)
             full = builder.size >= self.config.pack_size
             if full:
                 self._builders[blob_type] = PackBuilder(blob_type)

@@ -528,5 +528,13 @@ def _refuse_if_open(root: bytes, plan: RestorePlan) -> None:
             except OSError:
                 continue
             if link in databases:
-                raise TargetInUse(f"{os.fsdecode(link)} is open by process {pid} (stop club first, "
-                                  f"or pass --force)")
+                raise TargetInUse(f"{os.fsdecode(link)} is open by process {pid} ({_command(pid)}; found in "
+                                  f"/proc/{pid}/fd): stop club first, or pass --force")
+
+
+def _command(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "unknown command"

@@ -26,11 +26,11 @@ from .chunker import CDC, chunk_stream
 from .clubcheck import Expected, expected_blobs
 from .consistency import CLUB_DB, Cut, consistent_cut
 from .errors import SourceError
-from .format import BlobType, ChunkId, display
+from .format import ID_SIZE, BlobType, ChunkId, digest, display
 from .repository import Repository, SnapshotInfo, WriteStats
 from .sources import sqlite as sqlite_source
 from .sources.files import Item, Scan, scan_tier, tiers_for
-from .pagemap import store_page_map
+from .pagemap import load_page_ids, store_page_map
 from .tree import Entry, lookup, store_tree
 
 # A file whose ctime is this close to the scan start may still be changing within one
@@ -153,24 +153,36 @@ class _SnapshotBuilder:
         for item in scan.databases:
             parent_entry = _entry_at(self.repo, parent, item.rel)
             parent_map = ChunkId(parent_entry["page_map"]) if parent_entry and "page_map" in parent_entry else None
-            added_before = self.repo.stats.blobs_added
+            # The parent's pages are in the repository already (its snapshot is complete):
+            # a page equal to the parent's at the same number skips the index lookup.
+            known = load_page_ids(self.repo, parent_map) if parent_map else bytearray()
+            before = replace(self.repo.stats)
             try:
                 with sqlite_source.pinned_image(os.fsdecode(item.path)) as image:
                     ids = bytearray()
                     for page in image.pages():
-                        ids += self.repo.add_blob(BlobType.DATA, page)
+                        page_id = digest(page)
+                        at = len(ids)
+                        ids += (page_id if known[at:at + ID_SIZE] == page_id
+                                else self.repo.add_blob(BlobType.DATA, page, ChunkId(page_id)))
                     if item.rel == CLUB_DB:
                         self.expected = _club_expectations(image.connection)
                     info, page_size, size = image.info, image.page_size, image.size
             except sqlite_source.CaptureError as exc:
                 self.errors.append(f"{display(item.rel)}: cannot capture SQLite database ({exc})")
                 continue
+            pages_written = self.repo.stats.since(before)
             page_map = store_page_map(self.repo, bytes(ids), page_size, parent_map)
+            written = self.repo.stats.since(before)
             entries[item.rel] = {**_meta(item), "type": "file", "size": size, "sqlite": info,
                                  "page_map": bytes(page_map)}
-            self.databases.append({"path": item.rel, **info})
+            self.databases.append({
+                "path": item.rel, **info,
+                "pages_changed": sum(known[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE)),
+                "pages_stored": pages_written.blobs_added, "page_bytes_stored": pages_written.stored_bytes_added,
+                "map_bytes_stored": written.stored_bytes_added - pages_written.stored_bytes_added})
             self.stats.bytes_total += size
-            unchanged = self.repo.stats.blobs_added == added_before
+            unchanged = pages_written.blobs_added == 0
             self._count(item.rel, size, read=size, unchanged=unchanged, changed=parent_entry is not None)
             self.seen.add(item.rel)
         return entries
@@ -300,6 +312,8 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
         "errors": (scan.errors + builder.errors)[:100],
         "stats": {**{k: v for k, v in asdict(stats).items() if k != "tiers"},
                   "blobs_added": written.blobs_added, "raw_bytes_added": written.raw_bytes_added,
+                  "data_bytes_stored": written.stored_bytes_added - written.tree_bytes_added,
+                  "metadata_bytes_stored": written.tree_bytes_added,
                   "bytes_added": written.pack_bytes_written, "packs_written": written.packs_written,
                   "index_objects_written": written.index_objects_written,
                   "duration_s": round((options.now() - start).total_seconds(), 3)},

@@ -41,7 +41,8 @@ def test_snapshot_day_snapshot_restore_by_at(cli: Cli, tmp_path: Path) -> None:
                               "--json", repo=repo)).stdout)
     assert plan["snapshot"] == listed[0]["id"] and plan["bytes_to_fetch"] > 0
     assert not (tmp_path / "t").exists()  # a dry run writes nothing
-    _ok(cli("restore", "--at", as_of, "--target", str(tmp_path / "t"), repo=repo))
+    restored = _ok(cli("restore", "--at", as_of, "--target", str(tmp_path / "t"), repo=repo)).stdout
+    assert "integrity_check db/club.db: ok" in restored
     assert club_state(tmp_path / "t", live=False) == first_state
 
     changes = _ok(cli("diff", listed[0]["id"][:8], listed[1]["id"][:8], repo=repo)).stdout

@@ -17,6 +17,7 @@ import pytest
 from engine import Repository, apply_restore, create_snapshot, plan_restore
 from engine.format import BlobType, ChunkId, digest
 from engine.pagemap import LEAF_PAGES, load_page_ids, map_blobs, store_page_map
+from engine.errors import TargetInUse
 from engine.restore import check_databases
 from engine.snapshot import SnapshotOptions
 from engine.sources import sqlite as capture
@@ -253,3 +254,28 @@ def test_an_unchanged_database_shares_its_parents_map_and_a_rewrite_rebases() ->
     rewritten = _page_ids(3000, {p: 1 for p in range(1, 3001)})
     rebased = store_page_map(store, rewritten, 4096, first)
     assert b"base" in store.blobs[rebased] and load_page_ids(store, rebased) == rewritten
+
+
+def test_restore_refuses_a_database_a_process_has_open_unless_forced(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    db = _database(data / "db" / "club.db")
+    (data / "blobs").mkdir()
+    snap = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
+    conn = sqlite3.connect(db)
+    conn.execute("INSERT INTO numbered VALUES (1, NULL)")
+    conn.commit()
+    conn.close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(db)!r}); c.execute('SELECT 1 FROM numbered').fetchall()\n"
+                               "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"open\n"
+        with pytest.raises(TargetInUse, match=f"process {holder.pid} .*/proc/{holder.pid}/fd"):
+            apply_restore(repo, plan_restore(repo, snap, data))
+        assert _count(db) == 1  # untouched
+        apply_restore(repo, plan_restore(repo, snap, data), allow_in_use=True)
+        assert _count(db) == 0
+    finally:
+        holder.kill()
+        holder.wait()
