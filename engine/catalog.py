@@ -21,6 +21,7 @@ from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
 SCHEMA_VERSION = 1
+LOOKUP_BATCH = 500  # ids per SELECT … IN (…)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,15 @@ class Catalog:
     def has_blob(self, blob_id: bytes) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM blobs WHERE id=?", [blob_id]).fetchone() is not None
+
+    def which_exist(self, ids: list[ChunkId]) -> set[bytes]:
+        found: set[bytes] = set()
+        with self._lock:
+            for start in range(0, len(ids), LOOKUP_BATCH):
+                batch = ids[start:start + LOOKUP_BATCH]
+                found.update(row[0] for row in self._db.execute(
+                    f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(batch))})", batch))
+        return found
 
     def packs(self) -> dict[PackId, int]:
         with self._lock:

@@ -190,8 +190,22 @@ class Repository:
             if blob_id in self._session_ids:
                 return blob_id
             self._session_ids.add(blob_id)
-        if self.catalog.has_blob(blob_id):
-            return blob_id
+        if not self.catalog.has_blob(blob_id):
+            self._store(blob_type, blob_id, raw)
+        return blob_id
+
+    def add_blobs(self, blob_type: BlobType, blobs: dict[ChunkId, bytes]) -> None:
+        """``add_blob`` for many blobs (by id) with one index lookup: a database's pages
+        come by the thousand, and a lookup per page would cost more than hashing it."""
+        with self._lock:
+            fresh = [blob_id for blob_id in blobs if blob_id not in self._session_ids]
+            self._session_ids.update(fresh)
+        stored = self.catalog.which_exist(fresh)
+        for blob_id in fresh:
+            if blob_id not in stored:
+                self._store(blob_type, blob_id, blobs[blob_id])
+
+    def _store(self, blob_type: BlobType, blob_id: ChunkId, raw: bytes) -> None:
         encoded = encode_blob(raw)  # outside the lock: lz4 releases the GIL
         with self._lock:
             builder = self._builders[blob_type]
@@ -206,7 +220,6 @@ class Repository:
                 self._builders[blob_type] = PackBuilder(blob_type)
         if full:
             self._upload(builder)
-        return blob_id
 
     def _upload(self, builder: PackBuilder) -> None:
         # One upload at a time: a reader thread that fills a pack meanwhile waits here,

@@ -173,18 +173,24 @@ def test_a_database_that_does_not_exist_yet_and_then_does(repo: Repository, cloc
     assert [d["path"] for d in second.info.record["databases"]] == [b"db/club.db"]
 
 
-def test_restore_keeps_the_replaced_databases_owner_and_mode(
-        repo: Repository, clock: Clock, tmp_path: Path) -> None:
-    data = tmp_path / "data"
+def _snapshot_then_add_a_row(repo: Repository, clock: Clock, data: Path, target: Path):  # type: ignore[no-untyped-def]
+    """A one-database data dir, snapshotted; then ``target``'s database gets a new row."""
     db = _database(data / "db" / "club.db")
     (data / "blobs").mkdir()
     snap = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
-    target = tmp_path / "target"
-    apply_restore(repo, plan_restore(repo, snap, target))
+    if target != data:
+        apply_restore(repo, plan_restore(repo, snap, target))
     conn = sqlite3.connect(target / "db" / "club.db")
     conn.execute("INSERT INTO numbered VALUES (1, NULL)")
     conn.commit()
     conn.close()
+    return db, snap
+
+
+def test_restore_keeps_the_replaced_databases_owner_and_mode(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    db, snap = _snapshot_then_add_a_row(repo, clock, tmp_path / "data", target)
     restored = target / "db" / "club.db"
     if os.geteuid() == 0:
         os.chown(restored, 65534, 65534)
@@ -259,13 +265,7 @@ def test_an_unchanged_database_shares_its_parents_map_and_a_rewrite_rebases() ->
 def test_restore_refuses_a_database_a_process_has_open_unless_forced(
         repo: Repository, clock: Clock, tmp_path: Path) -> None:
     data = tmp_path / "data"
-    db = _database(data / "db" / "club.db")
-    (data / "blobs").mkdir()
-    snap = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
-    conn = sqlite3.connect(db)
-    conn.execute("INSERT INTO numbered VALUES (1, NULL)")
-    conn.commit()
-    conn.close()
+    db, snap = _snapshot_then_add_a_row(repo, clock, data, data)
     holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
                                f"c = sqlite3.connect({str(db)!r}); c.execute('SELECT 1 FROM numbered').fetchall()\n"
                                "print('open', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
