@@ -177,11 +177,11 @@ class Repository:
 
     # ---- writing blobs ----------------------------------------------------------------------
 
-    def has_blob(self, blob_id: ChunkId) -> bool:
+    def which_exist(self, blob_ids: list[ChunkId]) -> set[bytes]:
+        """The ids among ``blob_ids`` the repository holds (or this session added)."""
         with self._lock:
-            if blob_id in self._session_ids:
-                return True
-        return self.catalog.has_blob(blob_id)
+            found: set[bytes] = {b for b in blob_ids if b in self._session_ids}
+        return found | self.catalog.which_exist([b for b in blob_ids if b not in found])
 
     def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
         """Store a blob unless the repository has it; safe to call from many threads."""

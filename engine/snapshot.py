@@ -207,34 +207,37 @@ class _SnapshotBuilder:
     def read_files(self, scan: Scan) -> dict[bytes, Entry]:
         files = scan.files
         self.stats.bytes_total += sum(i.st.st_size for i in files)
+        hits = self._cache_hits(files)
         entries: dict[bytes, Entry] = {}
         with ThreadPoolExecutor(max_workers=self.options.workers) as pool:
-            futures: list[tuple[Item, Future[Entry] | None]] = []
+            futures: list[tuple[Item, Future[Entry]]] = []
             for item in files:
-                hit = self._cache_hit(item)
-                futures.append((item, None) if hit else (item, pool.submit(self._read_file, item)))
-                if hit:
-                    entries[item.rel] = _file_entry(item, item.st.st_size, hit.chunks, CDC)
-                    self._count(item.rel, item.st.st_size, read=0, unchanged=True)
-            for item, future in futures:
-                if future is None:
+                hit = hits.get(item.rel)
+                if hit is None:
+                    futures.append((item, pool.submit(self._read_file, item)))
                     continue
+                entries[item.rel] = _file_entry(item, item.st.st_size, hit.chunks, CDC)
+                self._count(item.rel, item.st.st_size, read=0, unchanged=True)
+            for item, future in futures:
                 try:
                     entries[item.rel] = future.result()
                 except OSError as exc:
                     self.errors.append(f"{display(item.rel)}: unreadable ({exc.strerror})")
         return entries
 
-    def _cache_hit(self, item: Item) -> CachedFile | None:
-        cached = self.cache.get(item.rel)
-        st = item.st
-        if cached is None or (cached.size, cached.mtime_ns, cached.ctime_ns, cached.inode) != (
-                st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
-            return None
-        if not all(self.repo.has_blob(c) for c in cached.chunks):
-            return None
-        self.seen.add(item.rel)
-        return cached
+    def _cache_hits(self, files: list[Item]) -> dict[bytes, CachedFile]:
+        """Files whose size, times and inode match the files cache and whose chunks are all
+        still stored (checked with one batched lookup): these are not read again."""
+        candidates = {}
+        for item in files:
+            cached, st = self.cache.get(item.rel), item.st
+            if cached is not None and (cached.size, cached.mtime_ns, cached.ctime_ns, cached.inode) == (
+                    st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+                candidates[item.rel] = cached
+        stored = self.repo.which_exist([c for cached in candidates.values() for c in cached.chunks])
+        hits = {rel: cached for rel, cached in candidates.items() if all(c in stored for c in cached.chunks)}
+        self.seen.update(hits)
+        return hits
 
     def _read_file(self, item: Item) -> Entry:
         with open(item.path, "rb") as handle:
@@ -296,6 +299,7 @@ def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
     ``files`` holds every file entry by path (carried-forward ones included);
     ``extra_dirs`` the directories only carried-forward files still need.
     """
+    trees = _TreeBatch()
     children: dict[bytes, list[Entry]] = defaultdict(list)
     for rel, entry in files.items():
         children[os.path.dirname(rel)].append(entry)
@@ -306,9 +310,24 @@ def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
                 {**_meta(item), "type": "symlink", "target": os.readlink(item.path)})
     for rel in sorted(dirs, key=lambda d: d.count(b"/"), reverse=True):
         entries = sorted(children.pop(rel, []), key=lambda e: e["name"])
-        tree = store_tree(repo, entries)
+        tree = store_tree(trees, entries)
         children[os.path.dirname(rel)].append({**dirs[rel], "type": "dir", "tree": bytes(tree)})
-    return store_tree(repo, sorted(children.pop(b"", []), key=lambda e: e["name"]))
+    root = store_tree(trees, sorted(children.pop(b"", []), key=lambda e: e["name"]))
+    repo.add_blobs(BlobType.TREE, trees.blobs)
+    return root
+
+
+class _TreeBatch:
+    """Collects tree blobs (their ids are their hashes, known at once) so that the
+    repository looks them all up in one batch instead of one query per directory."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[ChunkId, bytes] = {}
+
+    def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
+        blob_id = blob_id or ChunkId(digest(raw))
+        self.blobs[blob_id] = raw
+        return blob_id
 
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,

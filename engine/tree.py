@@ -19,12 +19,15 @@ SPLIT_ABOVE = 256      # directories with more entries than this are split into 
 BOUNDARY_MODULUS = 128  # average entries per part
 
 
-class BlobStore(Protocol):
+class BlobSink(Protocol):
     def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId: ...
+
+
+class BlobStore(BlobSink, Protocol):
     def read_blob(self, blob_id: ChunkId) -> bytes: ...
 
 
-def store_tree(store: BlobStore, entries: list[Entry]) -> ChunkId:
+def store_tree(store: BlobSink, entries: list[Entry]) -> ChunkId:
     """Store a directory listing (entries sorted by name) and return its tree id."""
     if len(entries) <= SPLIT_ABOVE:
         return store.add_blob(BlobType.TREE, pack_record({"entries": entries}))
