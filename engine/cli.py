@@ -7,6 +7,8 @@ Every ``EngineError`` becomes one line on stderr and its exit code (docs/cli.md)
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import socket
@@ -31,6 +33,7 @@ from .verify import check
 
 
 PLAN_LINES = 40  # a dry run's text shows this many actions; --json shows all
+M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
 
 
 def _now() -> datetime:
@@ -353,7 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives each reader thread its own malloc arena, and freed chunk buffers stay
+    scattered over them: a full snapshot of the medium data set peaked at ~320 MB RSS with
+    the default arenas and ~230 MB with one (and ran no slower). Must run before threads
+    start; a no-op where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _limit_malloc_arenas()
     for stream in (sys.stdout, sys.stderr):
         # File names need not be UTF-8; show odd bytes escaped rather than crash on them.
         if hasattr(stream, "reconfigure"):
