@@ -17,8 +17,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# Sizes small and medium, seeds 1 and 2, against restic and borg (installed with apt when
+# missing and run as root); rewrites docs/benchmarks.md and benchmarks/results/.
+# Pass options with BENCH_ARGS, e.g. make bench BENCH_ARGS="--sizes small --seeds 1".
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-work bench-work

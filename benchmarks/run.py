@@ -1,139 +1,114 @@
-"""`make bench`: the core scenario on generated club data dirs, through the real command.
+"""`make bench`: clubsnap against restic and borg on generated club data dirs (issue 3).
 
-For each size: init; snapshot 1 (full); snapshot 2 (nothing changed); one day of
-activity; snapshot 3; restore latest into an empty dir; restore snapshot 1 over the
-day-1 dir (rollback, reusing local data). Each step runs `python -m engine` as a child
-process and records wall seconds, CPU seconds and peak RSS (from wait4), repository
-growth, and bytes fetched. Every restore is checked against the data dir's state at
-that time; a failed check fails the run. Results go to docs/benchmarks.md and
-benchmarks/results/<size>.json.
+For each size and seed: generate the data dir, build the reference states and floors
+(benchmarks.reference), run the same scenario for every tool (benchmarks.scenario),
+evaluate the targets (benchmarks.targets). Then the frequent-snapshot scenario on the
+small data set (benchmarks.frequent). Results: docs/benchmarks.md, plots in docs/, JSON
+in benchmarks/results/. A restore that does not verify fails the run (exit 1).
+
+--quick (the test suite runs it): tiny size, one seed, peers skipped, 5 frequent
+snapshots, and every output (JSON, markdown, plots) in the work dir, docs left alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchmarks.clubgen import generate, one_day
-from benchmarks.clubstate import club_state
+from benchmarks import reference, report
+from benchmarks.checks import CheckFailed
+from benchmarks.clubgen import generate
+from benchmarks.frequent import run_frequent
+from benchmarks.measure import CommandFailed
+from benchmarks.peers import ROOT, Clubsnap, Tool, available_peers
+from benchmarks.scenario import run_tool
+from benchmarks.targets import frequent_targets, scenario_targets
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _measured(work: Path, *args: str) -> dict[str, Any]:
-    """One clubsnap command as a child process, measured by benchmarks.measure."""
-    env = {**os.environ, "CLUBSNAP_REPO": str(work / "repo"), "CLUBSNAP_CACHE_DIR": str(work / "cache"),
-           "PYTHONPATH": str(ROOT)}
-    repo_before = _dir_bytes(work / "repo") if (work / "repo").exists() else 0
-    figures = work / "measure.json"
-    command = [sys.executable, "-m", "benchmarks.measure", str(figures),
-               sys.executable, "-m", "engine", "--json", *args]
-    result = subprocess.run(command, env=env, capture_output=True, cwd=ROOT)
-    measured = json.loads(figures.read_text())
-    if measured.pop("exit_code") != 0:
-        raise SystemExit(f"bench: clubsnap {' '.join(args)} failed: {result.stderr.decode().strip()}")
-    return {**measured, "repo_bytes_added": _dir_bytes(work / "repo") - repo_before,
-            "output": json.loads(result.stdout) if result.stdout.strip() else None}
+CHEAP_REPEATS = {"medium": 1}  # repeats of the cheap steps when --repeat is not given; else 3
 
 
-def scenario(size: str, work: Path) -> dict[str, Any]:
-    shutil.rmtree(work, ignore_errors=True)
-    data = work / "data"
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small,medium", help="comma-separated: tiny,small,medium")
+    parser.add_argument("--seeds", default="1,2", help="comma-separated generator seeds")
+    parser.add_argument("--repeat", type=int, help="runs of the cheap steps (default 3, 1 for medium)")
+    parser.add_argument("--frequent-count", type=int, default=200, help="frequent snapshots (0: skip)")
+    parser.add_argument("--no-peers", action="store_true", help="clubsnap only")
+    parser.add_argument("--quick", action="store_true", help="tiny, peers skipped, outputs in the work dir")
+    parser.add_argument("--work", default="bench-work", help="scratch directory (emptied first)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.seeds, args.no_peers = "tiny", args.seeds.split(",")[0], True
+        args.frequent_count = min(args.frequent_count, 5)
+        args.repeat = args.repeat or 1
+    return args
+
+
+def run_case(size: str, seed: int, tools: list[type[Tool]], repeat: int, work: Path) -> dict[str, Any]:
     started = time.monotonic()
-    generate(data, size, seed=1)
-    results: dict[str, Any] = {"size": size, "generate_s": round(time.monotonic() - started, 1)}
-    results["data_bytes"] = _dir_bytes(data / "db") + _dir_bytes(data / "blobs")
-    results["init"] = _measured(work, "init")
-    time.sleep(0.1)
-    state_0 = club_state(data, live=True)
-    results["snapshot_full"] = _measured(work, "snapshot", str(data))
-    time.sleep(1.1)
-    results["snapshot_unchanged"] = _measured(work, "snapshot", str(data))
-    one_day(data, seed=1, day=1)
-    state_1 = club_state(data, live=True)
-    results["snapshot_after_day"] = _measured(work, "snapshot", str(data))
-    snaps = _measured(work, "snapshots")["output"]
-    results["restore_latest_empty"] = _restore(work, "latest", work / "r-latest", state_1)
-    rollback = work / "r-rollback"
-    shutil.copytree(data, rollback, ignore=shutil.ignore_patterns("tmp", "cache"))
-    results["restore_first_over_day1"] = _restore(work, snaps[0]["id"], rollback, state_0, "--delete")
-    results["check_read_data"] = _measured(work, "check", "--read-data")
-    return results
-
-
-def _restore(work: Path, ref: str, target: Path, expected: dict[str, Any], *extra: str) -> dict[str, Any]:
-    result = _measured(work, "restore", ref, "--target", str(target), *extra)
-    if club_state(target, live=False) != expected:
-        raise SystemExit(f"bench: restore of {ref} into {target} does not match the source state")
-    result["verified"] = True
+    template = work / "generated"
+    generate(template, size, seed=seed)
+    result: dict[str, Any] = {"size": size, "seed": seed, "repeat": repeat,
+                              "generate_s": round(time.monotonic() - started, 1)}
+    ref = reference.build(template, seed, work)
+    result["data_bytes"] = ref.machine["bytes"]
+    result["floor"] = {"bytes": ref.floor_bytes, "seconds": ref.floor_s, "machine": ref.machine}
+    result["tools"] = {}
+    for tool in tools:
+        print(f"   {tool.name}", flush=True)
+        result["tools"][tool.name] = run_tool(tool(work / tool.name), template, ref, seed, repeat)
+    result["targets"] = scenario_targets(result)
+    shutil.rmtree(template)
     return result
 
 
-def _markdown(all_results: list[dict[str, Any]]) -> str:
-    lines = [
-        "# Benchmarks", "",
-        f"Generated by `make bench` (`python -m benchmarks.run`) on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
-        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}.", "",
-        "Each step runs `python -m engine` as a child process (interpreter start included).",
-        "Restores are verified (blob files byte-identical, club.db rows and integrity_check) before",
-        "a figure is recorded. Peers (restic, borg) and the frequent-snapshot scenario come with the",
-        "benchmark issue.", "",
-    ]
-    for r in all_results:
-        data_mb = r["data_bytes"] / 1e6
-        lines += [f"## {r['size']} data set: {data_mb:,.0f} MB in db/ + blobs/", "",
-                  "| step | wall s | CPU s | peak RSS MB | repo bytes added | MB/s | notes |",
-                  "|---|---|---|---|---|---|---|"]
-        for step in ("init", "snapshot_full", "snapshot_unchanged", "snapshot_after_day",
-                     "restore_latest_empty", "restore_first_over_day1", "check_read_data"):
-            s = r[step]
-            out = s.get("output") or {}
-            notes = ""
-            rate = ""
-            if step.startswith("snapshot"):
-                st = out.get("stats", {})
-                rate = f"{data_mb / s['wall_s']:,.0f}"
-                notes = f"read {st.get('bytes_read', 0) / 1e6:,.1f} MB, {st.get('files_unmodified', 0)} files unmodified"
-            if step.startswith("restore"):
-                rate = f"{out.get('bytes_total', 0) / 1e6 / s['wall_s']:,.0f}"
-                notes = (f"fetched {out.get('bytes_fetched', 0) / 1e6:,.1f} MB, reused "
-                         f"{out.get('bytes_reused', 0) / 1e6:,.1f} MB, {out.get('files_written', 0)} files written")
-            lines.append(f"| {step.replace('_', ' ')} | {s['wall_s']:.2f} | {s['cpu_s']:.2f} | "
-                         f"{s['peak_rss_mb']:.0f} | {s['repo_bytes_added']:,} | {rate} | {notes} |")
-        lines.append("")
-    return "\n".join(lines)
+def frequent_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    size = "tiny" if args.quick else "small"
+    seed = int(args.seeds.split(",")[0])
+    template = work / "frequent-generated"
+    generate(template, size, seed=seed)
+    result = {"size": size, "seed": seed, **run_frequent(template, work, args.frequent_count)}
+    result["targets"] = frequent_targets(result)
+    shutil.rmtree(template)
+    return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", default="small", help="comma-separated: tiny,small,medium")
-    parser.add_argument("--work", default="bench-work")
-    args = parser.parse_args()
-    results = []
-    for size in args.sizes.split(","):
-        print(f"== {size}", flush=True)
-        result = scenario(size, Path(args.work).absolute() / size)
-        results.append(result)
-        out = ROOT / "benchmarks" / "results" / f"{size}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
-    (ROOT / "docs" / "benchmarks.md").write_text(_markdown(results))
-    print((ROOT / "docs" / "benchmarks.md").read_text())
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work).absolute()
+    shutil.rmtree(work, ignore_errors=True)
+    out_json = work / "results" if args.quick else ROOT / "benchmarks" / "results"
+    out_doc = work if args.quick else ROOT / "docs"
+    out_json.mkdir(parents=True, exist_ok=True)
+    tools: list[type[Tool]] = [Clubsnap, *([] if args.no_peers else available_peers())]
+    results, frequent = [], None
+    try:
+        for size in args.sizes.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                print(f"== {size}, seed {seed}", flush=True)
+                result = run_case(size, seed, tools, args.repeat or CHEAP_REPEATS.get(size, 3), work / f"{size}-{seed}")
+                (out_json / f"{size}-seed{seed}.json").write_text(json.dumps(result, indent=1, default=str))
+                results.append(result)
+        if args.frequent_count > 0:
+            print(f"== frequent snapshots: {args.frequent_count}", flush=True)
+            frequent = frequent_case(args, work)
+            (out_json / "frequent.json").write_text(json.dumps(frequent, indent=1, default=str))
+    except (CheckFailed, CommandFailed, LookupError) as exc:
+        print(f"bench: FAILED: {exc}", file=sys.stderr)
+        return 1
+    plots = report.plot_frequent(frequent, out_doc) if frequent else {}
+    command = "python -m benchmarks.run" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    doc = out_doc / "benchmarks.md"
+    doc.write_text(report.markdown(command, results, frequent, plots))
+    print(f"bench: wrote {doc} and {out_json}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

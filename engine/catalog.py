@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import sqlite_utils
-
 from .errors import EngineError
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
@@ -46,68 +44,77 @@ class Catalog:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._db = sqlite_utils.Database(conn)
+            self._conn = conn
             self._create_schema()
         except (OSError, sqlite3.Error) as exc:
             raise EngineError(f"local catalog {path} is unusable ({exc}); "
                               f"choose another with --cache-dir or CLUBSNAP_CACHE_DIR") from exc
 
     def _create_schema(self) -> None:
-        db = self._db
         with self._lock:
-            if db.table("meta").exists() and self.meta("schema") != str(SCHEMA_VERSION):
-                for table in db.table_names():
-                    db.table(table).drop()
-            db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            db.table("index_objects").create({"name": str}, pk="name", if_not_exists=True)
-            db.table("packs").create({"id": bytes, "size": int}, pk="id", if_not_exists=True)
+            if self._schema_version() == str(SCHEMA_VERSION):
+                return
+            # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
+            # frequent snapshots run every few minutes) would pay for a schema made once.
+            import sqlite_utils
+
+            db = sqlite_utils.Database(self._conn)
+            for table in db.table_names():
+                db.table(table).drop()
+            db.table("meta").create({"key": str, "value": str}, pk="key")
+            db.table("index_objects").create({"name": str}, pk="name")
+            db.table("packs").create({"id": bytes, "size": int}, pk="id")
             db.table("blobs").create({"id": bytes, "type": int, "pack": bytes, "offset": int,
-                                "length": int, "raw_length": int}, pk="id", if_not_exists=True)
-            db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes},
-                                   pk="key", if_not_exists=True)
+                                      "length": int, "raw_length": int}, pk="id")
+            db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes}, pk="key")
             db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
-                                "ctime_ns": int, "inode": int, "chunks": bytes},
-                               pk=("source", "path"), if_not_exists=True)
+                                      "ctime_ns": int, "inode": int, "chunks": bytes}, pk=("source", "path"))
             self.set_meta("schema", str(SCHEMA_VERSION))
+
+    def _schema_version(self) -> str | None:
+        try:
+            return self.meta("schema")
+        except sqlite3.OperationalError:
+            return None  # a new catalog: no meta table yet
 
     def close(self) -> None:
         with self._lock:
-            self._db.conn.close()
+            self._conn.close()
 
     def meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", [key]).fetchone()
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", [key]).fetchone()
         return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:
         with self._lock:
-            self._db.table("meta").upsert({"key": key, "value": value}, pk="key")
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
 
     # ---- index --------------------------------------------------------------------------
 
     def index_object_names(self) -> set[str]:
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT name FROM index_objects")}
+            return {row[0] for row in self._conn.execute("SELECT name FROM index_objects")}
 
     def add_index(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry]) -> None:
         """Record one index object's content; one transaction, so a crash leaves none of it."""
-        with self._lock, self._db.conn:
-            self._db.conn.execute("BEGIN")
-            self._db.conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)",
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)",
                                       [(bytes(p), s) for p, s in packs.items()])
-            self._db.conn.executemany(
+            self._conn.executemany(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
                 [(bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length) for e in entries])
-            self._db.conn.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", [name])
+            self._conn.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", [name])
 
     def clear_index(self) -> None:
-        with self._lock, self._db.conn:
-            self._db.conn.execute("BEGIN")
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
             for table in ("index_objects", "packs", "blobs"):
-                self._db.conn.execute(f"DELETE FROM {table}")
+                self._conn.execute(f"DELETE FROM {table}")
 
     def lookup(self, blob_id: bytes) -> BlobEntry | None:
         with self._lock:
-            row = self._db.execute(
+            row = self._conn.execute(
                 "SELECT type, pack, offset, length, raw_length FROM blobs WHERE id=?", [blob_id]).fetchone()
         if row is None:
             return None
@@ -115,32 +122,32 @@ class Catalog:
 
     def has_blob(self, blob_id: bytes) -> bool:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM blobs WHERE id=?", [blob_id]).fetchone() is not None
+            return self._conn.execute("SELECT 1 FROM blobs WHERE id=?", [blob_id]).fetchone() is not None
 
     def which_exist(self, ids: list[ChunkId]) -> set[bytes]:
         found: set[bytes] = set()
         with self._lock:
             for start in range(0, len(ids), LOOKUP_BATCH):
                 batch = ids[start:start + LOOKUP_BATCH]
-                found.update(row[0] for row in self._db.execute(
+                found.update(row[0] for row in self._conn.execute(
                     f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(batch))})", batch))
         return found
 
     def packs(self) -> dict[PackId, int]:
         with self._lock:
-            return {PackId(row[0]): row[1] for row in self._db.execute("SELECT id, size FROM packs")}
+            return {PackId(row[0]): row[1] for row in self._conn.execute("SELECT id, size FROM packs")}
 
     def blobs_in_pack(self, pack: PackId) -> list[BlobEntry]:
         with self._lock:
-            rows = self._db.execute("SELECT id, type, offset, length, raw_length FROM blobs WHERE pack=?",
+            rows = self._conn.execute("SELECT id, type, offset, length, raw_length FROM blobs WHERE pack=?",
                                     [bytes(pack)]).fetchall()
         return [BlobEntry(ChunkId(r[0]), BlobType(r[1]), pack, r[2], r[3], r[4]) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
-            row = self._db.execute(
+            row = self._conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(length),0), COALESCE(SUM(raw_length),0) FROM blobs").fetchone()
-            packs = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size),0) FROM packs").fetchone()
+            packs = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(size),0) FROM packs").fetchone()
         return {"blobs": row[0], "stored_bytes": row[1], "raw_bytes": row[2],
                 "packs": packs[0], "pack_bytes": packs[1]}
 
@@ -148,38 +155,38 @@ class Catalog:
 
     def snapshot_keys(self) -> set[str]:
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT key FROM snapshots")}
+            return {row[0] for row in self._conn.execute("SELECT key FROM snapshots")}
 
     def add_snapshot(self, key: str, snap_id: bytes, time_us: int, record: dict[str, Any]) -> None:
         with self._lock:
-            self._db.conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
+            self._conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
                                   [key, snap_id, time_us, pack_record(record)])
 
     def remove_snapshots(self, keys: Iterable[str]) -> None:
         with self._lock:
-            self._db.conn.executemany("DELETE FROM snapshots WHERE key=?", [(k,) for k in keys])
+            self._conn.executemany("DELETE FROM snapshots WHERE key=?", [(k,) for k in keys])
 
     def snapshot_record(self, key: str) -> dict[str, Any] | None:
         with self._lock:
-            row = self._db.execute("SELECT record FROM snapshots WHERE key=?", [key]).fetchone()
+            row = self._conn.execute("SELECT record FROM snapshots WHERE key=?", [key]).fetchone()
         return None if row is None else dict(unpack_record(row[0], f"catalog record {key}"))
 
     # ---- files cache -------------------------------------------------------------------
 
     def load_files(self, source: str) -> dict[bytes, CachedFile]:
         with self._lock:
-            rows = self._db.execute(
+            rows = self._conn.execute(
                 "SELECT path, size, mtime_ns, ctime_ns, inode, chunks FROM files WHERE source=?", [source])
             return {row[0]: CachedFile(row[1], row[2], row[3], row[4],
                                        [ChunkId(c) for c in unpack_record(row[5], "files cache")])
                     for row in rows}
 
     def update_files(self, source: str, changed: dict[bytes, CachedFile], gone: Iterable[bytes]) -> None:
-        with self._lock, self._db.conn:
-            self._db.conn.execute("BEGIN")
-            self._db.conn.executemany("DELETE FROM files WHERE source=? AND path=?",
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("DELETE FROM files WHERE source=? AND path=?",
                                       [(source, path) for path in gone])
-            self._db.conn.executemany(
+            self._conn.executemany(
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(source, path, f.size, f.mtime_ns, f.ctime_ns, f.inode,
                   pack_record([bytes(c) for c in f.chunks])) for path, f in changed.items()])

@@ -107,14 +107,26 @@ def verify_pack(data: bytes, pack_id: PackId) -> list[BlobEntry]:
     return entries
 
 
-def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10) -> list[tuple[int, int, list[BlobEntry]]]:
-    """Group blobs of one pack into byte ranges to fetch: fewer requests, little waste."""
+def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10,
+             max_waste: float = 0.25) -> list[tuple[int, int, list[BlobEntry]]]:
+    """Group blobs of one pack into byte ranges to fetch: fewer requests, little waste.
+
+    A blob joins the previous range when the gap before it is at most ``max_gap`` and the
+    range's unneeded bytes stay within ``max_waste`` of its needed bytes: scattered
+    database pages are then fetched one by one rather than dragging whole pack stretches
+    along, while runs of neighbours still come in one request.
+    """
     ranges: list[tuple[int, int, list[BlobEntry]]] = []
+    needed = waste = 0
     for entry in sorted(entries, key=lambda e: e.offset):
-        if ranges and entry.offset - ranges[-1][1] <= max_gap:
+        if ranges:
             start, end, members = ranges[-1]
-            members.append(entry)
-            ranges[-1] = (start, max(end, entry.offset + entry.length), members)
-        else:
-            ranges.append((entry.offset, entry.offset + entry.length, [entry]))
+            gap = max(0, entry.offset - end)
+            if gap <= max_gap and waste + gap <= max_waste * (needed + entry.length):
+                members.append(entry)
+                ranges[-1] = (start, max(end, entry.offset + entry.length), members)
+                needed, waste = needed + entry.length, waste + gap
+                continue
+        ranges.append((entry.offset, entry.offset + entry.length, [entry]))
+        needed, waste = entry.length, 0
     return ranges
