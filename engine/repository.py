@@ -194,18 +194,19 @@ class Repository:
             self._store(blob_type, blob_id, raw)
         return blob_id
 
-    def add_blobs(self, blob_type: BlobType, blobs: dict[ChunkId, bytes]) -> None:
+    def add_blobs(self, blob_type: BlobType, blobs: dict[ChunkId, bytes]) -> tuple[int, int]:
         """``add_blob`` for many blobs (by id) with one index lookup: a database's pages
-        come by the thousand, and a lookup per page would cost more than hashing it."""
+        come by the thousand, and a lookup per page would cost more than hashing it.
+        Returns how many were new and their stored bytes (the caller's own share of the
+        session's writes, which other threads add to meanwhile)."""
         with self._lock:
             fresh = [blob_id for blob_id in blobs if blob_id not in self._session_ids]
             self._session_ids.update(fresh)
         stored = self.catalog.which_exist(fresh)
-        for blob_id in fresh:
-            if blob_id not in stored:
-                self._store(blob_type, blob_id, blobs[blob_id])
+        new = [blob_id for blob_id in fresh if blob_id not in stored]
+        return len(new), sum(self._store(blob_type, blob_id, blobs[blob_id]) for blob_id in new)
 
-    def _store(self, blob_type: BlobType, blob_id: ChunkId, raw: bytes) -> None:
+    def _store(self, blob_type: BlobType, blob_id: ChunkId, raw: bytes) -> int:
         encoded = encode_blob(raw)  # outside the lock: lz4 releases the GIL
         with self._lock:
             builder = self._builders[blob_type]
@@ -220,6 +221,7 @@ class Repository:
                 self._builders[blob_type] = PackBuilder(blob_type)
         if full:
             self._upload(builder)
+        return len(encoded)
 
     def _upload(self, builder: PackBuilder) -> None:
         # One upload at a time: a reader thread that fills a pack meanwhile waits here,

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -102,13 +103,16 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     parent = _parent(repo, source_key, options.host)
     scan = Scan()
     scan_tier(root, "db", scan)
-    start = options.now()
-    entries = builder.capture_databases(scan, parent)
-    for tier in tiers_for(options.include_logs):
-        if tier != "db":
-            scan_tier(root, tier, scan)
-    builder.files_total = len(scan.files) + len(scan.databases)
-    entries.update(builder.read_files(scan))
+    with ExitStack() as pins, ThreadPoolExecutor(max_workers=1) as database_reader:
+        start = options.now()
+        captures = builder.pin_databases(scan, parent, pins)
+        databases = database_reader.submit(builder.read_databases, captures, pins.pop_all())
+        for tier in tiers_for(options.include_logs):
+            if tier != "db":
+                scan_tier(root, tier, scan)
+        builder.files_total = len(scan.files) + len(scan.databases)
+        entries = builder.read_files(scan)
+        entries.update(databases.result())
     cut = consistent_cut(repo, builder.expected, entries, parent, verify=options.verify)
     entries.update(cut.carried)
     tree = _build_trees(repo, scan.items, entries, cut.dirs)
@@ -149,50 +153,66 @@ class _SnapshotBuilder:
         self._count_lock = threading.Lock()
         self.files_total = 0
 
-    def capture_databases(self, scan: Scan, parent: SnapshotInfo | None) -> dict[bytes, Entry]:
-        entries: dict[bytes, Entry] = {}
+    def pin_databases(self, scan: Scan, parent: SnapshotInfo | None, stack: ExitStack) -> list[_Capture]:
+        """Start one read transaction per database: the snapshot's consistency point.
+
+        The blob scan may begin as soon as every database is pinned (the images are fixed
+        from here on), so the pages are read by ``read_databases`` beside it.
+        """
+        captures = []
         for item in scan.databases:
             parent_entry = _entry_at(self.repo, parent, item.rel)
             parent_map = ChunkId(parent_entry["page_map"]) if parent_entry and "page_map" in parent_entry else None
-            # The parent's pages are in the repository already (its snapshot is complete):
-            # a page equal to the parent's at the same number skips the index lookup.
-            known = load_page_ids(self.repo, parent_map) if parent_map else bytearray()
-            before = replace(self.repo.stats)
             try:
-                with sqlite_source.pinned_image(os.fsdecode(item.path)) as image:
-                    ids = self._store_pages(image.pages(), known)
-                    if item.rel == CLUB_DB:
-                        self.expected = _club_expectations(image.connection)
-                    info, page_size, size = image.info, image.page_size, image.size
+                image = stack.enter_context(sqlite_source.pinned_image(os.fsdecode(item.path)))
+                if item.rel == CLUB_DB:
+                    self.expected = _club_expectations(image.connection)
             except sqlite_source.CaptureError as exc:
                 self.errors.append(f"{display(item.rel)}: cannot capture SQLite database ({exc})")
                 continue
-            pages_written = self.repo.stats.since(before)
-            page_map = store_page_map(self.repo, bytes(ids), page_size, parent_map)
-            written = self.repo.stats.since(before)
-            entries[item.rel] = {**_meta(item), "type": "file", "size": size, "sqlite": info,
-                                 "page_map": bytes(page_map)}
-            self.databases.append({
-                "path": item.rel, **info,
-                "pages_changed": sum(known[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE)),
-                "pages_stored": pages_written.blobs_added, "page_bytes_stored": pages_written.stored_bytes_added,
-                "map_bytes_stored": written.stored_bytes_added - pages_written.stored_bytes_added})
-            self.stats.bytes_total += size
-            unchanged = pages_written.blobs_added == 0
-            self._count(item.rel, size, read=size, unchanged=unchanged, changed=parent_entry is not None)
-            self.seen.add(item.rel)
+            captures.append(_Capture(item, image, parent_map, parent_entry is not None))
+        return captures
+
+    def read_databases(self, captures: list[_Capture], stack: ExitStack) -> dict[bytes, Entry]:
+        """Read the pinned images into page chunks and page maps, then end the read
+        transactions (holding them longer would only hold club's WAL checkpoints back)."""
+        entries: dict[bytes, Entry] = {}
+        with stack:
+            for capture in captures:
+                try:
+                    entries[capture.item.rel] = self._read_database(capture)
+                except sqlite_source.CaptureError as exc:
+                    self.errors.append(f"{display(capture.item.rel)}: cannot capture SQLite database ({exc})")
         return entries
 
-    def _store_pages(self, pages: Iterator[bytes], known: bytearray) -> bytearray:
-        """Hash and store pages in batches, one index lookup per batch; returns the page
-        ids in page order. (Worker threads were measured: no faster, the per-page work
-        holds the GIL.)"""
+    def _read_database(self, capture: _Capture) -> Entry:
+        item, image = capture.item, capture.image
+        # The parent's pages are in the repository already (its snapshot is complete):
+        # a page equal to the parent's at the same number skips the index lookup.
+        known = load_page_ids(self.repo, capture.parent_map) if capture.parent_map else bytearray()
         ids = bytearray()
-        for batch in _batches(pages, PAGE_BATCH):
-            ids += self._store_batch(batch, bytes(known[len(ids):len(ids) + len(batch) * ID_SIZE]))
-        return ids
+        pages_stored = page_bytes = 0
+        for batch in _batches(image.pages(), PAGE_BATCH):
+            batch_ids, stored, stored_bytes = self._store_pages(
+                batch, bytes(known[len(ids):len(ids) + len(batch) * ID_SIZE]))
+            ids += batch_ids
+            pages_stored, page_bytes = pages_stored + stored, page_bytes + stored_bytes
+        map_blobs = _BlobBatch(self.repo)
+        page_map = store_page_map(map_blobs, bytes(ids), image.page_size, capture.parent_map)
+        _, map_bytes = self.repo.add_blobs(BlobType.TREE, map_blobs.blobs)
+        self.databases.append({
+            "path": item.rel, **image.info,
+            "pages_changed": sum(known[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE)),
+            "pages_stored": pages_stored, "page_bytes_stored": page_bytes, "map_bytes_stored": map_bytes})
+        with self._count_lock:
+            self.stats.bytes_total += image.size
+        self._count(item.rel, image.size, read=image.size, unchanged=pages_stored == 0, changed=capture.had_parent)
+        self.seen.add(item.rel)
+        return {**_meta(item), "type": "file", "size": image.size, "sqlite": image.info, "page_map": bytes(page_map)}
 
-    def _store_batch(self, pages: list[bytes], known: bytes) -> bytes:
+    def _store_pages(self, pages: list[bytes], known: bytes) -> tuple[bytes, int, int]:
+        """Hash a batch of pages and store the new ones with one index lookup; returns
+        their ids in page order, and how many were stored in how many bytes."""
         ids = bytearray()
         new: dict[ChunkId, bytes] = {}
         for page in pages:
@@ -201,12 +221,13 @@ class _SnapshotBuilder:
             if known[at:at + ID_SIZE] != page_id:
                 new[ChunkId(page_id)] = page
             ids += page_id
-        self.repo.add_blobs(BlobType.DATA, new)
-        return bytes(ids)
+        stored, stored_bytes = self.repo.add_blobs(BlobType.DATA, new)
+        return bytes(ids), stored, stored_bytes
 
     def read_files(self, scan: Scan) -> dict[bytes, Entry]:
         files = scan.files
-        self.stats.bytes_total += sum(i.st.st_size for i in files)
+        with self._count_lock:  # the database reader thread counts too
+            self.stats.bytes_total += sum(i.st.st_size for i in files)
         hits = self._cache_hits(files)
         entries: dict[bytes, Entry] = {}
         with ThreadPoolExecutor(max_workers=self.options.workers) as pool:
@@ -299,7 +320,7 @@ def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
     ``files`` holds every file entry by path (carried-forward ones included);
     ``extra_dirs`` the directories only carried-forward files still need.
     """
-    trees = _TreeBatch()
+    trees = _BlobBatch(repo)
     children: dict[bytes, list[Entry]] = defaultdict(list)
     for rel, entry in files.items():
         children[os.path.dirname(rel)].append(entry)
@@ -317,17 +338,32 @@ def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
     return root
 
 
-class _TreeBatch:
+class _BlobBatch:
     """Collects tree blobs (their ids are their hashes, known at once) so that the
-    repository looks them all up in one batch instead of one query per directory."""
+    repository looks them all up in one batch instead of one query per blob; reads go
+    to the repository."""
 
-    def __init__(self) -> None:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
         self.blobs: dict[ChunkId, bytes] = {}
 
     def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
         blob_id = blob_id or ChunkId(digest(raw))
         self.blobs[blob_id] = raw
         return blob_id
+
+    def read_blob(self, blob_id: ChunkId) -> bytes:
+        return self.repo.read_blob(blob_id)
+
+
+@dataclass
+class _Capture:
+    """A database pinned at the snapshot's consistency point, waiting to be read."""
+
+    item: Item
+    image: sqlite_source.PinnedImage
+    parent_map: ChunkId | None
+    had_parent: bool
 
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,
