@@ -116,9 +116,7 @@ def _pin(database: str, stack: ExitStack) -> PinnedImage:
     try:
         # Descriptors are closed last (ExitStack unwinds in reverse): see the module notes.
         db_fd = _open_raw(stack, database)
-        # Pinned on one thread, read and closed on another (beside the blob scan).
-        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         stack.callback(conn.close)
         conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # creates -wal/-shm if needed
     except sqlite3.Error as exc:
