@@ -36,7 +36,9 @@ How it is measured:
   same states and the same file changes.
 - Repository bytes: the apparent size of the repository directory before and after
   the step; local caches (clubsnap's catalog, restic's and borg's caches) not counted.
-- Bytes read from the repository on restores: clubsnap's own `bytes_fetched`; for the
+- Bytes read from the repository on restores: clubsnap's own count of every byte the
+  restore command read from the repository (`bytes_read_total`: index objects, snapshot
+  record, trees, page maps and data); for the
   peers only `rchar` is known (every byte their processes read, their cache included),
   an upper bound, marked `<=`.
 - Peers are set up as their docs advise here: before each backup

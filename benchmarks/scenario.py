@@ -27,7 +27,7 @@ from benchmarks.reference import Reference
 STEPS = ("init", "snapshot_1", "snapshot_2", "snapshot_3", "snapshot_4",
          "restore_latest", "restore_at", "rollback", "restore_db")
 MEDIAN_KEYS = (*FIGURES, "repo_bytes_added", "repo_bytes_read")
-DETAIL_KEYS = ("stats", "bytes_fetched", "bytes_reused", "bytes_total", "files_written", "deleted", "snapshot")
+DETAIL_KEYS = ("stats", "bytes_fetched", "bytes_read_total", "bytes_reused", "bytes_total", "files_written", "deleted", "snapshot")
 
 
 def run_tool(tool: Tool, template: Path, ref: Reference, seed: int, repeat: int) -> dict[str, Any]:
@@ -74,9 +74,9 @@ def _measure(tool: Tool, action: Callable[[], Measured]) -> dict[str, Any]:
     before = tool.repo_bytes() if tool.repo.exists() else 0
     step = action()
     detail = _detail(step.stdout)
-    exact = "bytes_fetched" in detail
+    exact = "bytes_read_total" in detail
     return {**step.figures, "repo_bytes_added": tool.repo_bytes() - before,
-            "repo_bytes_read": detail["bytes_fetched"] if exact else step.figures["rchar"],
+            "repo_bytes_read": detail["bytes_read_total"] if exact else step.figures["rchar"],
             "repo_bytes_read_exact": exact, "detail": detail}
 
 

@@ -181,6 +181,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     reporter.done()
     db_checks = {} if args.db_check == "none" else check_databases(plan, thorough=args.db_check == "integrity")
     data = {**summary, "files_written": result.files_written, "bytes_fetched": result.bytes_fetched,
+            # everything this command read from the repository: index, record, trees, page maps, data
+            "bytes_read_total": repo.backend.bytes_read,
             "bytes_reused": result.bytes_reused, "deleted": result.deleted, "moved_aside": result.moved_aside,
             "db_checks": db_checks}
     _emit(args, data, f"restored snapshot {snap.id.short()} ({snap.time.astimezone():%Y-%m-%d %H:%M:%S %Z}) "
