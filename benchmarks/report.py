@@ -36,6 +36,9 @@ How it is measured:
   same states and the same file changes.
 - Repository bytes: the apparent size of the repository directory before and after
   the step; local caches (clubsnap's catalog, restic's and borg's caches) not counted.
+- clubsnap's restores run with `--db-check none`: its default post-restore
+  `integrity_check` (about 2 s on the medium database) has no counterpart in restic or
+  borg, and the runner checks every tool's restored database itself, untimed.
 - Bytes read from the repository on restores: clubsnap's own count of every byte the
   restore command read from the repository (`bytes_read_total`: index objects, snapshot
   record, trees, page maps and data); for the

@@ -120,6 +120,19 @@ class Catalog:
             return None
         return BlobEntry(ChunkId(blob_id), BlobType(row[0]), PackId(row[1]), row[2], row[3], row[4])
 
+    def lookup_many(self, ids: list[ChunkId]) -> dict[ChunkId, BlobEntry]:
+        """``lookup`` for many ids, a query per ``LOOKUP_BATCH``; absent ids are left out."""
+        found: dict[ChunkId, BlobEntry] = {}
+        with self._lock:
+            for start in range(0, len(ids), LOOKUP_BATCH):
+                batch = ids[start:start + LOOKUP_BATCH]
+                for row in self._conn.execute(
+                        "SELECT id, type, pack, offset, length, raw_length FROM blobs "
+                        f"WHERE id IN ({','.join('?' * len(batch))})", batch):
+                    blob_id = ChunkId(row[0])
+                    found[blob_id] = BlobEntry(blob_id, BlobType(row[1]), PackId(row[2]), row[3], row[4], row[5])
+        return found
+
     def has_blob(self, blob_id: bytes) -> bool:
         with self._lock:
             return self._conn.execute("SELECT 1 FROM blobs WHERE id=?", [blob_id]).fetchone() is not None

@@ -85,10 +85,12 @@ class _Reporter:
         return f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB  {speed / 1e6:,.1f} MB/s  ETA {eta:,.0f}s"
 
     def snapshot(self, p: Progress) -> None:
-        self.line(f"files {p.files_done}/{p.files_total}  {self.rate(p.bytes_done, p.bytes_total)}")
+        if self.enabled:
+            self.line(f"files {p.files_done}/{p.files_total}  {self.rate(p.bytes_done, p.bytes_total)}")
 
     def bytes(self, done: int, total: int) -> None:
-        self.line(self.rate(done, total))
+        if self.enabled:  # called per chunk placed: a database restore places one per page
+            self.line(self.rate(done, total))
 
     def done(self) -> None:
         if self.enabled:
@@ -118,7 +120,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                               include_logs=args.include_logs, progress=reporter.snapshot)
     result = create_snapshot(repo, options)
     reporter.done()
-    for problem in result.errors:
+    for problem in result.errors + result.warnings:
         print(f"warning: {problem}", file=sys.stderr)
     record = result.info.record
     for path in record.get("carried_forward", []):

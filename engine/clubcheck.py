@@ -90,24 +90,29 @@ class Expected:
     sha256: str | None = None
 
 
-def expected_blobs(conn: sqlite3.Connection) -> list[Expected]:
-    """Every tarball, screenshot and README asset club.db names (CLUB_DATA §6.5).
+def expected_blobs(conn: sqlite3.Connection) -> tuple[list[Expected], list[str]]:
+    """Every tarball, screenshot and README asset club.db names (CLUB_DATA §6.5), and the
+    rows whose screenshot list does not parse (named, then skipped).
 
     Used on a restored file here and, by a snapshot, on the pinned image it captured.
     """
-    expected = []
+    expected, problems = [], []
     for pkg, ver, size, sha, shots, readme in conn.execute(
             "SELECT package_name, version, archive_size_bytes, archive_sha256, screenshots, "
             "readme_content FROM package_versions"):
         expected.append(Expected(f"{pkg}/{ver}/artifacts/package.tar.gz", size, sha))
-        for index, shot in enumerate(json.loads(shots or "[]")):
-            expected.append(Expected(f"{pkg}/{ver}/screenshots/{index}", shot.get("sizeBytes"), shot.get("sha256")))
+        try:
+            expected += [Expected(f"{pkg}/{ver}/screenshots/{index}", shot.get("sizeBytes"), shot.get("sha256"))
+                         for index, shot in enumerate(json.loads(shots or "[]"))]
+        except (ValueError, TypeError, AttributeError):
+            problems.append(f"package_versions {pkg} {ver}: screenshots is not a list of objects")
         expected += [Expected(key) for key in _readme_assets(readme or "") if key.split("/")[2] != "screenshots"]
-    return expected
+    return expected, problems
 
 
 def _check_versions(conn: sqlite3.Connection, blobs: Path, report: ClubReport) -> set[str]:
-    expected = expected_blobs(conn)
+    expected, problems = expected_blobs(conn)
+    report.database += problems
     report.checked["versions"] = sum(e.key.endswith("/artifacts/package.tar.gz") for e in expected)
     for item in expected:
         _expect(blobs, item, report)
@@ -165,14 +170,18 @@ def _dartdoc_problem(blob: Path, index: Path, pkg: str) -> str | None:
         record = json.loads(index.read_text())
     except (ValueError, UnicodeDecodeError):
         return "index.json does not parse"
-    if record.get("version") != 1 or not str(record.get("blobId", "")).startswith(f"{pkg}:latest:"):
+    if (not isinstance(record, dict) or record.get("version") != 1
+            or not str(record.get("blobId", "")).startswith(f"{pkg}:latest:")):
         return "index.json has an unexpected version or blobId"
     size = blob.stat().st_size
     # club swaps the blob, then the index: for a moment a new blob sits beside the old
     # index, which club tolerates. A pair is good when every range fits in the blob.
-    for start, end in _ranges(record.get("index", {})):
-        if not 0 <= start <= end <= size:
-            return f"index range {start}:{end} does not fit in the {size}-byte blob"
+    try:
+        for start, end in _ranges(record.get("index", {})):
+            if not 0 <= start <= end <= size:
+                return f"index range {start}:{end} does not fit in the {size}-byte blob"
+    except ValueError:
+        return "index.json has a malformed range"
     return None
 
 

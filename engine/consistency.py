@@ -2,10 +2,14 @@
 
 The database is captured first, the blobs scanned after. club commits a publish's row
 before writing its blobs, so a blob the captured rows name was already written; and it
-deletes a version's blobs before its row, so a tarball can vanish during the scan while
-the captured rows still name it. Such a blob is carried forward from the parent snapshot
-(it was there, unchanged: blobs are immutable) and the snapshot lists it. A publish that
-lands during the scan is at worst an orphan: a blob no captured row names.
+deletes a version's blobs before its row, so a version can vanish during the scan while
+the captured rows still name it. The blobs of such a version are carried forward from
+the parent snapshot, and the snapshot lists them. Only a vanished version qualifies (its
+tarball is gone too): a forced republish rewrites screenshots and README assets under
+the same names, so a missing asset of a version still present may be on its way, and
+the parent's copy could be the wrong bytes; it is left missing (``dangling``). A carried
+blob must also have the size its row records. A publish that lands during the scan is at
+worst an orphan: a blob no captured row names.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .clubcheck import Expected
-from .format import display
+from .format import ChunkId, display
 from .repository import Repository, SnapshotInfo
 from .tree import Entry, lookup
 
@@ -47,12 +51,15 @@ def consistent_cut(repo: Repository, expected: list[Expected] | None, entries: d
     cut = Cut()
     if expected is None:
         return cut
+    loaded: dict[ChunkId, dict[bytes, Entry]] = {}
     for item in expected:
         rel = b"blobs/" + item.key.encode()
         if rel in entries:
             continue
-        found = lookup(repo, parent.tree, rel) if parent else None
-        if found is None or found[-1]["type"] != "file":
+        version_gone = _tarball(item.key) not in entries
+        found = lookup(repo, parent.tree, rel, loaded) if parent and version_gone else None
+        if (found is None or found[-1]["type"] != "file"
+                or (item.size is not None and found[-1]["size"] != item.size)):
             cut.dangling.append(item.key)
             continue
         cut.carried[rel] = found[-1]
@@ -63,6 +70,11 @@ def consistent_cut(repo: Repository, expected: list[Expected] | None, entries: d
     if verify:
         cut.verification = _verify(expected, entries | cut.carried)
     return cut
+
+
+def _tarball(key: str) -> bytes:
+    package, version = key.split("/")[:2]
+    return f"blobs/{package}/{version}/artifacts/package.tar.gz".encode()
 
 
 def _verify(expected: list[Expected], entries: dict[bytes, Entry]) -> dict[str, Any]:

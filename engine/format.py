@@ -68,6 +68,8 @@ class BlobType(IntEnum):
 class ObjectId(bytes):
     """A 32-byte blake3 digest naming an immutable object."""
 
+    __slots__ = ()  # no per-id __dict__: a database's page map holds one id per page
+
     def __new__(cls, value: bytes) -> Self:
         if len(value) != ID_SIZE:
             raise IntegrityError(f"malformed id of {len(value)} bytes")
@@ -90,13 +92,19 @@ class ObjectId(bytes):
 class ChunkId(ObjectId):
     """Id of a data or tree blob: blake3-256 of its plaintext."""
 
+    __slots__ = ()
+
 
 class PackId(ObjectId):
     """Id of a pack: blake3-256 of the pack's bytes as stored."""
 
+    __slots__ = ()
+
 
 class SnapshotId(ObjectId):
     """Id of a snapshot: blake3-256 of its encoded record."""
+
+    __slots__ = ()
 
 
 def display(path: bytes) -> str:

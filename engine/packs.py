@@ -23,7 +23,7 @@ from .format import (
 TARGET_PACK_SIZE = 16 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a restore holds one per chunk: hundreds of thousands
 class BlobEntry:
     """Where one blob lives: the index's unit of information."""
 
@@ -107,12 +107,13 @@ def verify_pack(data: bytes, pack_id: PackId) -> list[BlobEntry]:
     return entries
 
 
-def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10,
-             max_waste: float = 0.25) -> list[tuple[int, int, list[BlobEntry]]]:
+def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10, max_waste: float = 0.25,
+             max_range: int = 4 << 20) -> list[tuple[int, int, list[BlobEntry]]]:
     """Group blobs of one pack into byte ranges to fetch: fewer requests, little waste.
 
-    A blob joins the previous range when the gap before it is at most ``max_gap`` and the
-    range's unneeded bytes stay within ``max_waste`` of its needed bytes: scattered
+    A blob joins the previous range when the gap before it is at most ``max_gap``, the
+    range's unneeded bytes stay within ``max_waste`` of its needed bytes, and the range
+    stays within ``max_range`` (what a restore holds in memory at once): scattered
     database pages are then fetched one by one rather than dragging whole pack stretches
     along, while runs of neighbours still come in one request.
     """
@@ -122,7 +123,8 @@ def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10,
         if ranges:
             start, end, members = ranges[-1]
             gap = max(0, entry.offset - end)
-            if gap <= max_gap and waste + gap <= max_waste * (needed + entry.length):
+            if (gap <= max_gap and waste + gap <= max_waste * (needed + entry.length)
+                    and entry.offset + entry.length - start <= max_range):
                 members.append(entry)
                 ranges[-1] = (start, max(end, entry.offset + entry.length), members)
                 needed, waste = needed + entry.length, waste + gap

@@ -13,7 +13,7 @@ import threading
 from dataclasses import astuple, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from .backend import Backend
 from .backends.metered import MeteredBackend
@@ -270,6 +270,16 @@ class Repository:
         if entry is None:
             raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
         return entry
+
+    def locate_many(self, blob_ids: Iterable[ChunkId]) -> dict[ChunkId, BlobEntry]:
+        """Where each blob is, in batched index queries; raises for the first one missing."""
+        wanted = list(dict.fromkeys(blob_ids))
+        found = {b: self._uploaded[b] for b in wanted if b in self._uploaded}
+        found |= self.catalog.lookup_many([b for b in wanted if b not in found])
+        for blob_id in wanted:
+            if blob_id not in found:
+                raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
+        return found
 
     def read_blob(self, blob_id: ChunkId) -> bytes:
         entry = self.locate(blob_id)

@@ -17,11 +17,13 @@ image and silently undo the restore (SQLITE_NOTES §5).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import shutil
 import sqlite3
 import stat
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -38,13 +40,17 @@ from .packs import BlobEntry, coalesce
 from .pagemap import file_chunks
 from .repository import Repository, SnapshotInfo
 from .backends.fs import fsync_dir
-from .sources.files import RESTORE_TEMP_MARK
+from .sources.files import PRE_RESTORE_MARK, RESTORE_TEMP_MARK, SQLITE_SIDECARS
 from .tree import Entry, load_tree
 
-# -wal and -journal hold commits SQLite would apply over a restored file; -shm is an index.
-SQLITE_SIDECARS = (b"-wal", b"-journal", b"-shm")
-PRE_RESTORE_MARK = b".pre-restore-"
 OPEN_TEMPS = 64
+# SQLite's unix locking: the -shm "dead man switch" byte, and the database's SHARED range
+# (PENDING_BYTE 0x40000000 + 2, 510 bytes). struct flock on Linux: type, whence, start, len, pid.
+SHM_DMS_BYTE = 128
+SQLITE_SHARED_FIRST, SQLITE_SHARED_SIZE = 0x40000002, 510
+FLOCK = struct.Struct("hhqqi4x")
+WRITE_RUN = 1 << 20  # contiguous chunks joined into one write, up to this many bytes
+PENDING_RUNS = 8     # files with a run not yet written
 
 
 @dataclass
@@ -66,6 +72,7 @@ class RestorePlan:
     conflicts: list[bytes] = field(default_factory=list)  # a file where a dir goes, or back
     stale_temps: list[bytes] = field(default_factory=list)  # left by a killed restore
     local: dict[ChunkId, tuple[bytes, int, int]] = field(default_factory=dict)
+    located: dict[ChunkId, BlobEntry] = field(default_factory=dict)  # chunks not in the target
     fetch: dict[PackId, list[BlobEntry]] = field(default_factory=dict)
 
     @property
@@ -112,10 +119,9 @@ def plan_restore(repo: Repository, snapshot: SnapshotInfo, target: Path,
     _find_local_chunks(repo, plan, scopes)
     if delete:
         plan.deletions = _extra_paths(plan, scopes)
-    needed = {c for f in plan.to_write for c in f.chunks if c not in plan.local}
+    plan.located = repo.locate_many(c for f in plan.to_write for c in f.chunks if c not in plan.local)
     fetch: dict[PackId, list[BlobEntry]] = defaultdict(list)
-    for chunk in needed:
-        entry = repo.locate(chunk)
+    for entry in plan.located.values():
         fetch[entry.pack].append(entry)
     plan.fetch = dict(fetch)
     return plan
@@ -272,7 +278,7 @@ class _Writer:
                  progress: Callable[[int, int], None] | None) -> None:
         self.repo, self.plan, self.root, self.owner, self.progress = repo, plan, root, owner, progress
         self.temps: dict[bytes, bytes] = {}
-        self.fds: dict[bytes, int] = {}
+        self.writer = _TempWriter()
         self.result = RestoreResult()
         self.total = sum(f.entry["size"] for f in plan.to_write)
 
@@ -291,9 +297,7 @@ class _Writer:
             self._fetch(missing)
             self._install_files()
         finally:
-            for fd in self.fds.values():
-                os.close(fd)
-            self.fds.clear()
+            self.writer.close()
             for temp in self.temps.values():
                 if os.path.exists(temp):
                     os.unlink(temp)
@@ -318,30 +322,46 @@ class _Writer:
         where: dict[ChunkId, list[tuple[bytes, int]]] = defaultdict(list)
         for plan in self.plan.to_write:
             offset = 0
-            for chunk, raw in zip(plan.chunks, _chunk_sizes(self.repo, self.plan, plan)):
+            for chunk, raw in zip(plan.chunks, _chunk_sizes(self.plan, plan)):
                 where[chunk].append((self.temps[plan.rel], offset))
                 offset += raw
         return where
 
     def _copy_local(self) -> dict[ChunkId, list[tuple[bytes, int]]]:
         """Copy reusable chunks from target files (before any is replaced); returns the rest."""
-        where = self._positions()
         missing: dict[ChunkId, list[tuple[bytes, int]]] = {}
-        for chunk, places in where.items():
+        by_source: dict[bytes, list[tuple[ChunkId, list[tuple[bytes, int]]]]] = defaultdict(list)
+        for chunk, places in self._positions().items():
             source = self.plan.local.get(chunk)
-            data = _read_local(os.path.join(self.root, source[0]), source[1], source[2]) if source else None
-            if data is None or digest(data) != chunk:
+            if source is None:
                 missing[chunk] = places
+            else:
+                by_source[source[0]].append((chunk, places))
+        for rel, chunks in by_source.items():  # one open per file: a database has a chunk per page
+            try:
+                fd = os.open(os.path.join(self.root, rel), os.O_RDONLY)
+            except OSError:
+                missing.update(chunks)
                 continue
-            self._place(data, places)
-            self.result.bytes_reused += len(data) * len(places)
+            try:
+                for chunk, places in chunks:
+                    _, offset, length = self.plan.local[chunk]
+                    data = os.pread(fd, length, offset)
+                    if digest(data) != chunk:  # changed since the plan: fetch it instead
+                        missing[chunk] = places
+                        continue
+                    self._place(data, places)
+                    self.result.bytes_reused += len(data) * len(places)
+            finally:
+                os.close(fd)
         return missing
 
     def _fetch(self, missing: dict[ChunkId, list[tuple[bytes, int]]]) -> None:
+        located = self.plan.located
+        located |= self.repo.locate_many(c for c in missing if c not in located)  # local copy failed
         by_pack: dict[PackId, list[BlobEntry]] = defaultdict(list)
         for chunk in missing:
-            entry = self.repo.locate(chunk)
-            by_pack[entry.pack].append(entry)
+            by_pack[located[chunk].pack].append(located[chunk])
         for pack, blobs in sorted(by_pack.items()):
             key = pack_key(pack)
             for start, end, members in coalesce(blobs):
@@ -374,26 +394,13 @@ class _Writer:
 
     def _place(self, data: bytes, places: list[tuple[bytes, int]]) -> None:
         for temp, offset in places:
-            os.pwrite(self._fd(temp), data, offset)
+            self.writer.write(temp, offset, data)
             self.result.bytes_written += len(data)
             if self.progress:
                 self.progress(self.result.bytes_written, self.total)
 
-    def _fd(self, temp: bytes) -> int:
-        """Temp files stay open while chunks land (a database gets one write per page);
-        a few at a time, so that a restore of many files never runs out of descriptors."""
-        fd = self.fds.pop(temp, None)
-        if fd is None:
-            if len(self.fds) >= OPEN_TEMPS:
-                os.close(self.fds.pop(next(iter(self.fds))))
-            fd = os.open(temp, os.O_WRONLY)
-        self.fds[temp] = fd  # most recently used last
-        return fd
-
     def _install_files(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self.writer.close()
         # Every temporary file's data is made durable before any rename: one sync(2)
         # (which on Linux waits for writeback) instead of thousands of fsyncs.
         os.sync()
@@ -405,18 +412,20 @@ class _Writer:
             temp = self.temps[plan.rel]
             _apply_meta(temp, _replacing(path, plan.entry), self.owner)
             if "sqlite" in plan.entry:
+                _fsync(temp)  # sync(2) reports no write errors; a database gets its own fsync
                 self._move_sqlite_set_aside(path)
             os.replace(temp, path)
             self.result.files_written += 1
 
     def _move_sqlite_set_aside(self, path: bytes) -> None:
-        """Keep the old database with its WAL or journal as a pair under a new name, and
-        take the sidecars away from the name the restored file will have.
+        """Keep the database being replaced, with its WAL or journal, as a set under a new
+        name (hard links: no copy), and take the sidecars away from the name the restored
+        file will have: a restore over the wrong database must not be the end of it.
 
         Hard links first, removals after: a crash at any step leaves either the old set
         intact or a complete copy of it aside.
         """
-        if not _has_sidecars(path):
+        if not os.path.exists(path):
             return
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ").encode()
         aside = path + PRE_RESTORE_MARK + stamp
@@ -453,10 +462,52 @@ class _Writer:
         os.sync()  # the renames and directory entries, durable in one go
 
 
-def _chunk_sizes(repo: Repository, plan: RestorePlan, file: FilePlan) -> Iterator[int]:
+class _TempWriter:
+    """Writes chunks into temporary files, joining writes that continue one another (a
+    database arrives page by page, mostly in order) and keeping a few files open at a
+    time, so that a restore of many files never runs out of descriptors."""
+
+    def __init__(self) -> None:
+        self.fds: dict[bytes, int] = {}  # least recently used first
+        self.runs: dict[bytes, tuple[int, bytearray]] = {}  # temp -> (offset, bytes not yet written)
+
+    def write(self, temp: bytes, offset: int, data: bytes) -> None:
+        run = self.runs.get(temp)
+        if run is not None and run[0] + len(run[1]) == offset and len(run[1]) < WRITE_RUN:
+            run[1].extend(data)
+            return
+        self._flush(temp)
+        self.runs[temp] = (offset, bytearray(data))
+        if len(self.runs) > PENDING_RUNS:  # bounds memory: flush the oldest run
+            self._flush(next(iter(self.runs)))
+
+    def close(self) -> None:
+        for temp in list(self.runs):
+            self._flush(temp)
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _flush(self, temp: bytes) -> None:
+        run = self.runs.pop(temp, None)
+        if run is not None:
+            os.pwrite(self._fd(temp), run[1], run[0])
+
+    def _fd(self, temp: bytes) -> int:
+        fd = self.fds.pop(temp, None)
+        if fd is None:
+            if len(self.fds) >= OPEN_TEMPS:
+                oldest = next(iter(self.fds))
+                os.close(self.fds.pop(oldest))  # its run, if any, is flushed before it is needed again
+            fd = os.open(temp, os.O_WRONLY)
+        self.fds[temp] = fd
+        return fd
+
+
+def _chunk_sizes(plan: RestorePlan, file: FilePlan) -> Iterator[int]:
     for chunk in file.chunks:
         local = plan.local.get(chunk)
-        yield local[2] if local else repo.locate(chunk).raw_length
+        yield local[2] if local else plan.located[chunk].raw_length
 
 
 def _replacing(path: bytes, entry: Entry) -> Entry:
@@ -492,13 +543,12 @@ def check_databases(plan: RestorePlan, thorough: bool = True) -> dict[str, str]:
     return results
 
 
-def _read_local(path: bytes, offset: int, length: int) -> bytes | None:
+def _fsync(path: bytes) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(length)
-    except OSError:
-        return None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _apply_meta(path: bytes, entry: Entry, owner: bool) -> None:
@@ -515,6 +565,15 @@ def _refuse_if_open(root: bytes, plan: RestorePlan) -> None:
     databases = {d for d in databases if os.path.exists(d)}
     if not databases:
         return
+    for database in sorted(databases):
+        holder = _sqlite_lock_holder(database)
+        if holder is not None:
+            raise TargetInUse(f"{os.fsdecode(database)} is in use: process {holder} ({_command(str(holder))}) "
+                              f"holds a SQLite lock on it (found with fcntl F_GETLK): stop club first, "
+                              f"or pass --force")
+    # Also catch a process that has the file open without a lock at this moment (a
+    # rollback-journal connection between transactions); only our own user's processes
+    # (or all, as root) can be seen this way.
     for pid in filter(str.isdigit, os.listdir("/proc")):
         if int(pid) == os.getpid():
             continue
@@ -530,6 +589,29 @@ def _refuse_if_open(root: bytes, plan: RestorePlan) -> None:
             if link in databases:
                 raise TargetInUse(f"{os.fsdecode(link)} is open by process {pid} ({_command(pid)}; found in "
                                   f"/proc/{pid}/fd): stop club first, or pass --force")
+
+
+def _sqlite_lock_holder(database: bytes) -> int | None:
+    """The pid of a process holding a SQLite lock on ``database``, or None. Works across
+    users (unlike /proc/<pid>/fd): every connection to a WAL database holds a shared lock
+    on the ``-shm`` file's DMS byte for as long as it is open; a rollback-journal
+    connection holds the database's SHARED range while in a transaction."""
+    probes = [(database + b"-shm", SHM_DMS_BYTE, 1), (database, SQLITE_SHARED_FIRST, SQLITE_SHARED_SIZE)]
+    for path, start, length in probes:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            probe = FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+            lock_type, _, _, _, pid = FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # safe: this process has no connection to the target database
+        if lock_type != fcntl.F_UNLCK:
+            return int(pid)
+    return None
 
 
 def _command(pid: str) -> str:

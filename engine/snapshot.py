@@ -4,7 +4,7 @@ Order matters for consistency (CLUB_DATA §5): databases are captured first, blo
 scanned after. club commits a publish to the DB before writing its tarball and deletes
 a version's blobs before its row, so "DB first" means a snapshot's DB never names a
 tarball that was published after the DB image was taken; a version deleted during the
-scan is the only window left, and the SQLite issue closes it.
+scan is carried forward from the parent snapshot (engine/consistency.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .catalog import CachedFile
 from .chunker import CDC, chunk_stream
 from .clubcheck import Expected, expected_blobs
 from .consistency import CLUB_DB, Cut, consistent_cut
-from .errors import SourceError
+from .errors import EngineError, SourceError
 from .format import ID_SIZE, BlobType, ChunkId, digest, display
 from .repository import Repository, SnapshotInfo, WriteStats
 from .sources import sqlite as sqlite_source
@@ -38,6 +38,8 @@ from .tree import Entry, lookup, store_tree
 # tick of the kernel's coarse file clock; it is snapshotted but not trusted by the cache.
 RACY_WINDOW_NS = 50_000_000
 PAGE_BATCH = 256  # database pages per index lookup
+# The capture facts a tree entry keeps (the record's `databases` keeps them all).
+ENTRY_SQLITE_FIELDS = ("method", "journal_mode", "page_size", "page_count", "user_version", "schema_version")
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class SnapshotResult:
     info: SnapshotInfo
     stats: dict[str, Any]
     errors: list[str]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def partial(self) -> bool:
@@ -106,7 +109,7 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     with ExitStack() as pins:
         start = options.now()
         captures = builder.pin_databases(scan, parent, pins)
-        entries = builder.read_databases(captures)
+        entries = builder.read_databases(captures)  # each read transaction ends once read
     for tier in tiers_for(options.include_logs):
         if tier != "db":
             scan_tier(root, tier, scan)
@@ -120,7 +123,7 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut)
     info = repo.save_snapshot(record, start)
     repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
-    return SnapshotResult(info, record["stats"], scan.errors + builder.errors)
+    return SnapshotResult(info, record["stats"], scan.errors + builder.errors, builder.warnings)
 
 
 def _check_source(source: Path) -> bytes:
@@ -142,7 +145,9 @@ class _SnapshotBuilder:
         # The racy-file guard compares with the file system's clock, not the snapshot's.
         self.scan_start_ns = time.time_ns()
         self.stats = SourceStats()
-        self.errors: list[str] = []
+        self.errors: list[str] = []    # what the snapshot lacks: it is partial
+        self.warnings: list[str] = []  # worth saying, but the snapshot is complete
+        self.vanished: list[bytes] = []  # listed, then deleted before it was read
         self.databases: list[dict[str, Any]] = []
         self.expected: list[Expected] | None = None  # blobs the captured club.db names
         self.cache_updates: dict[bytes, CachedFile] = {}
@@ -159,15 +164,15 @@ class _SnapshotBuilder:
         captures = []
         for item in scan.databases:
             parent_entry = _entry_at(self.repo, parent, item.rel)
-            parent_map = ChunkId(parent_entry["page_map"]) if parent_entry and "page_map" in parent_entry else None
+            pin = stack.enter_context(ExitStack())
             try:
-                image = stack.enter_context(sqlite_source.pinned_image(os.fsdecode(item.path)))
+                image = pin.enter_context(sqlite_source.pinned_image(os.fsdecode(item.path)))
                 if item.rel == CLUB_DB:
-                    self.expected = _club_expectations(image.connection)
+                    self.expected = self._club_expectations(image.connection)
             except sqlite_source.CaptureError as exc:
                 self.errors.append(f"{display(item.rel)}: cannot capture SQLite database ({exc})")
                 continue
-            captures.append(_Capture(item, image, parent_map, parent_entry is not None))
+            captures.append(_Capture(item, image, pin, parent_entry))
         return captures
 
     def read_databases(self, captures: list[_Capture]) -> dict[bytes, Entry]:
@@ -176,49 +181,65 @@ class _SnapshotBuilder:
         checkpoints back."""
         entries: dict[bytes, Entry] = {}
         for capture in captures:
-            try:
-                entries[capture.item.rel] = self._read_database(capture)
-            except sqlite_source.CaptureError as exc:
-                self.errors.append(f"{display(capture.item.rel)}: cannot capture SQLite database ({exc})")
+            with capture.pin:
+                try:
+                    entries[capture.item.rel] = self._read_database(capture)
+                except sqlite_source.CaptureError as exc:
+                    self.errors.append(f"{display(capture.item.rel)}: cannot capture SQLite database ({exc})")
         return entries
 
     def _read_database(self, capture: _Capture) -> Entry:
         item, image = capture.item, capture.image
-        # The parent's pages are in the repository already (its snapshot is complete):
-        # a page equal to the parent's at the same number skips the index lookup.
-        known = load_page_ids(self.repo, capture.parent_map) if capture.parent_map else bytearray()
+        parent_map, parent_ids = self._parent_map(capture)
         ids = bytearray()
         pages_stored = page_bytes = 0
         for batch in _batches(image.pages(), PAGE_BATCH):
-            batch_ids, stored, stored_bytes = self._store_pages(
-                batch, bytes(known[len(ids):len(ids) + len(batch) * ID_SIZE]))
+            batch_ids, stored, stored_bytes = self._store_pages(batch)
             ids += batch_ids
             pages_stored, page_bytes = pages_stored + stored, page_bytes + stored_bytes
-        map_blobs = _BlobBatch(self.repo)
-        page_map = store_page_map(map_blobs, bytes(ids), image.page_size, capture.parent_map)
+        map_blobs = _TreeBatch(self.repo)
+        page_map = store_page_map(map_blobs, bytes(ids), image.page_size, parent_map)
         _, map_bytes = self.repo.add_blobs(BlobType.TREE, map_blobs.blobs)
-        self.databases.append({
-            "path": item.rel, **image.info,
-            "pages_changed": sum(known[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE)),
-            "pages_stored": pages_stored, "page_bytes_stored": page_bytes, "map_bytes_stored": map_bytes})
+        changed = sum(parent_ids[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE))
+        self.databases.append({"path": item.rel, **image.info, "pages_changed": changed,
+                               "pages_stored": pages_stored, "page_bytes_stored": page_bytes,
+                               "map_bytes_stored": map_bytes})
         self.stats.bytes_total += image.size
-        self._count(item.rel, image.size, read=image.size, unchanged=pages_stored == 0, changed=capture.had_parent)
+        self._count(item.rel, image.size, read=image.size, unchanged=changed == 0 and len(ids) == len(parent_ids),
+                    changed=capture.parent_entry is not None)
         self.seen.add(item.rel)
-        return {**_meta(item), "type": "file", "size": image.size, "sqlite": image.info, "page_map": bytes(page_map)}
+        # Only what describes the content goes into the tree: timings and WAL state vary
+        # with every run and would rewrite db/'s tree each time; the record keeps them.
+        stable = {k: image.info[k] for k in ENTRY_SQLITE_FIELDS}
+        return {**_meta(item), "type": "file", "size": image.size, "sqlite": stable, "page_map": bytes(page_map)}
 
-    def _store_pages(self, pages: list[bytes], known: bytes) -> tuple[bytes, int, int]:
+    def _parent_map(self, capture: _Capture) -> tuple[ChunkId | None, bytearray]:
+        """The parent snapshot's map of this database and its page ids, or none: a parent
+        map that cannot be read costs this snapshot a new base, never the snapshot."""
+        entry = capture.parent_entry
+        if entry is None or "page_map" not in entry:
+            return None, bytearray()
+        try:
+            return ChunkId(entry["page_map"]), load_page_ids(self.repo, ChunkId(entry["page_map"]))
+        except EngineError as exc:
+            self.warnings.append(f"{display(capture.item.rel)}: parent page map unreadable ({exc}); "
+                                 f"stored as a new base")
+            return None, bytearray()
+
+    def _club_expectations(self, conn: sqlite3.Connection) -> list[Expected] | None:
+        try:
+            expected, problems = expected_blobs(conn)
+        except sqlite3.Error:
+            return None  # not club's schema (or not yet): nothing to hold blobs to
+        self.warnings += [f"db/club.db: {p}" for p in problems]
+        return expected
+
+    def _store_pages(self, pages: list[bytes]) -> tuple[bytes, int, int]:
         """Hash a batch of pages and store the new ones with one index lookup; returns
         their ids in page order, and how many were stored in how many bytes."""
-        ids = bytearray()
-        new: dict[ChunkId, bytes] = {}
-        for page in pages:
-            page_id = digest(page)
-            at = len(ids)
-            if known[at:at + ID_SIZE] != page_id:
-                new[ChunkId(page_id)] = page
-            ids += page_id
-        stored, stored_bytes = self.repo.add_blobs(BlobType.DATA, new)
-        return bytes(ids), stored, stored_bytes
+        ids = [ChunkId(digest(page)) for page in pages]
+        stored, stored_bytes = self.repo.add_blobs(BlobType.DATA, dict(zip(ids, pages)))
+        return b"".join(ids), stored, stored_bytes
 
     def read_files(self, scan: Scan) -> dict[bytes, Entry]:
         files = scan.files
@@ -237,6 +258,10 @@ class _SnapshotBuilder:
             for item, future in futures:
                 try:
                     entries[item.rel] = future.result()
+                except FileNotFoundError:
+                    # Deleted after the listing (club deleting a version): as if deleted
+                    # before it. consistent_cut carries it forward if the database names it.
+                    self.vanished.append(item.rel)
                 except OSError as exc:
                     self.errors.append(f"{display(item.rel)}: unreadable ({exc.strerror})")
         return entries
@@ -315,7 +340,7 @@ def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
     ``files`` holds every file entry by path (carried-forward ones included);
     ``extra_dirs`` the directories only carried-forward files still need.
     """
-    trees = _BlobBatch(repo)
+    trees = _TreeBatch(repo)
     children: dict[bytes, list[Entry]] = defaultdict(list)
     for rel, entry in files.items():
         children[os.path.dirname(rel)].append(entry)
@@ -333,10 +358,10 @@ def _build_trees(repo: Repository, items: list[Item], files: dict[bytes, Entry],
     return root
 
 
-class _BlobBatch:
-    """Collects tree blobs (their ids are their hashes, known at once) so that the
-    repository looks them all up in one batch instead of one query per blob; reads go
-    to the repository."""
+class _TreeBatch:
+    """Collects tree blobs (their ids are their hashes, known at once: every blob added
+    here is stored as a TREE blob) so that the repository looks them all up in one batch
+    instead of one query per blob. Reads go to the repository, never to the batch."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
@@ -357,8 +382,8 @@ class _Capture:
 
     item: Item
     image: sqlite_source.PinnedImage
-    parent_map: ChunkId | None
-    had_parent: bool
+    pin: ExitStack  # ends the read transaction
+    parent_entry: Entry | None
 
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,
@@ -383,6 +408,7 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
                   "metadata_bytes_stored": written.tree_bytes_added,
                   "bytes_added": written.pack_bytes_written, "packs_written": written.packs_written,
                   "index_objects_written": written.index_objects_written,
+                  "files_vanished": len(builder.vanished),
                   "duration_s": round((options.now() - start).total_seconds(), 3)},
         "program": "clubsnap 0.1.0",
     }
@@ -401,13 +427,6 @@ def _parent(repo: Repository, source: str, host: str) -> SnapshotInfo | None:
 def _entry_at(repo: Repository, snapshot: SnapshotInfo | None, rel: bytes) -> Entry | None:
     found = lookup(repo, snapshot.tree, rel) if snapshot else None
     return found[-1] if found else None
-
-
-def _club_expectations(conn: sqlite3.Connection) -> list[Expected] | None:
-    try:
-        return expected_blobs(conn)
-    except sqlite3.Error:
-        return None  # not club's schema (or not yet): nothing to hold blobs to
 
 
 def _batches(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:

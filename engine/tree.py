@@ -65,11 +65,16 @@ def walk(store: BlobStore, tree_id: ChunkId, prefix: bytes = b"") -> Iterator[tu
             yield from walk(store, ChunkId(entry["tree"]), path + b"/")
 
 
-def lookup(store: BlobStore, tree_id: ChunkId, rel: bytes) -> list[Entry] | None:
-    """The entries along ``rel`` (a/b/c: a's, b's, c's), or None when it is not there."""
+def lookup(store: BlobStore, tree_id: ChunkId, rel: bytes,
+           loaded: dict[ChunkId, dict[bytes, Entry]] | None = None) -> list[Entry] | None:
+    """The entries along ``rel`` (a/b/c: a's, b's, c's), or None when it is not there.
+    ``loaded`` keeps the trees read, for callers that look up many paths."""
+    loaded = {} if loaded is None else loaded
     found = []
     for name in rel.split(b"/"):
-        entry = next((e for e in load_tree(store, tree_id) if e["name"] == name), None)
+        if tree_id not in loaded:
+            loaded[tree_id] = {e["name"]: e for e in load_tree(store, tree_id)}
+        entry = loaded[tree_id].get(name)
         if entry is None:
             return None
         found.append(entry)

@@ -4,7 +4,8 @@ Tiers (CLUB_DATA §4): ``db/`` and ``blobs/`` always, ``logs/`` on request, ``ca
 and ``tmp/`` never. club's in-flight blob writes (``<final>.tmp.<µs>``) are never taken:
 club deletes them at boot. In ``db/``, SQLite files are recognised by their header and
 captured through SQLite (never by plain reads); their ``-wal``/``-shm``/``-journal``
-sidecars are never taken, since restoring a stale sidecar silently undoes a restore.
+sidecars are never taken, since restoring a stale sidecar silently undoes a restore, nor
+the safety copies a restore leaves beside a database it replaced.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_SIDECARS = (b"-wal", b"-shm", b"-journal")
 CLUB_TEMP_FILE = re.compile(rb"\.tmp\.\d+$")
 RESTORE_TEMP_MARK = b".clubsnap-restore-"
+PRE_RESTORE_MARK = b".pre-restore-"  # a database a restore replaced, kept aside on the host
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,8 @@ def _classify(name: bytes, path: bytes, st: os.stat_result, tier: str, scan: Sca
         return None
     if tier == "blobs" and CLUB_TEMP_FILE.search(name):
         return None
-    if RESTORE_TEMP_MARK in name:
-        return None  # left by a killed restore; never data
+    if RESTORE_TEMP_MARK in name or PRE_RESTORE_MARK in name:
+        return None  # left by a (killed) restore: a temporary, or a local safety copy
     if tier == "db":
         if name.endswith(SQLITE_SIDECARS):
             return None

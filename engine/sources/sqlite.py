@@ -18,11 +18,16 @@ Why this is consistent:
 - **Nothing moves under the copy.** While the transaction is open, a checkpoint copies
   only frames at or below its mark into the database file (and the copy lays exactly
   those frames over such pages), and the WAL cannot restart. If every frame was already
-  checkpointed when the transaction began, SQLite reads the database file alone, and no
-  checkpoint may touch the file until the transaction ends.
+  checkpointed when the transaction began, the file alone holds the image: SQLite then
+  either reads the file alone (read-mark 0, which no checkpoint may pass) or caps every
+  checkpoint at the transaction's mark, which the file has already reached.
 - **POSIX locks.** Closing any descriptor of ``club.db*`` drops every lock this process
   holds on it, the transaction's included (SQLITE_NOTES §1.2 trap). The raw descriptors
-  are opened after the connection and closed only after it.
+  are closed only after the connections.
+
+Nothing is written to the database. The connection is read-only (SQLite may create the
+``-wal``/``-shm`` files as any reader does); only the seal opens a read-write connection,
+for its ``BEGIN IMMEDIATE``, which needs write access to the database's directory.
 
 A database in rollback-journal mode is read under the transaction's SHARED lock, which
 keeps every writer from changing the file until the read ends: consistent, but club's
@@ -36,12 +41,16 @@ import sqlite3
 import struct
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 from urllib.parse import quote
 
+from ..errors import SourceError
+
 BUSY_TIMEOUT_S = 30
+SEALED_BUSY_TIMEOUT_MS = 100   # while our seal holds club off, our reader must not wait long
 OPTIMISTIC_TRIES = 20          # unlocked attempts to pin before sealing the WAL
+BACKOFF_S = 0.0005             # between attempts, times the attempt number
 READ_PAGES = 256               # database pages per read call
 
 # wal-index header (native byte order): iVersion, unused, iChange, isInit, bigEndCksum,
@@ -55,11 +64,20 @@ FRAME_SALT = slice(8, 16)
 JOURNAL_MODE_BYTES = slice(18, 20)  # 2,2 = WAL; 1,1 = rollback journal
 
 
-class CaptureError(Exception):
+class CaptureError(SourceError):
     """The database could not be captured; the message names the reason."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class _WalOverlay:
+    """The WAL frames an image needs: page number -> offset of its newest frame's data."""
+
+    fd: int
+    salt: bytes
+    frames: dict[int, int]
+
+
+@dataclass(frozen=True)
 class PinnedImage:
     """One database as of one commit: its pages, and a connection reading that same state."""
 
@@ -68,9 +86,7 @@ class PinnedImage:
     page_count: int
     info: dict[str, Any]
     _db_fd: int
-    _wal_fd: int | None
-    _wal_frames: dict[int, int] = field(default_factory=dict)  # page number -> data offset in -wal
-    _wal_salt: bytes = b""
+    _wal: _WalOverlay | None
 
     @property
     def size(self) -> int:
@@ -78,55 +94,65 @@ class PinnedImage:
 
     def pages(self) -> Iterator[bytes]:
         """Pages 1..page_count of the image, in order."""
-        size = self.page_size
+        try:
+            yield from self._pages()
+        except OSError as exc:
+            raise CaptureError(f"reading failed ({exc.strerror or exc})") from exc
+
+    def _pages(self) -> Iterator[bytes]:
+        size, frames = self.page_size, self._wal.frames if self._wal else {}
         for first in range(1, self.page_count + 1, READ_PAGES):
             count = min(READ_PAGES, self.page_count - first + 1)
             block = os.pread(self._db_fd, count * size, (first - 1) * size)
             for number in range(first, first + count):
-                frame = self._wal_frames.get(number)
-                if frame is not None:
-                    yield self._wal_page(frame)
-                    continue
-                page = block[(number - first) * size:(number - first + 1) * size]
+                frame = frames.get(number)
+                page = (self._wal_page(frame) if frame is not None
+                        else block[(number - first) * size:(number - first + 1) * size])
                 if len(page) != size:
                     raise CaptureError(f"page {number} is neither in the database file nor in its WAL")
                 yield page
-        if self._wal_fd is not None and os.pread(self._wal_fd, WAL_HEADER_SIZE, 0)[WAL_SALT] != self._wal_salt:
-            raise CaptureError("the WAL restarted during the capture (should be impossible while pinned)")
+        if self._wal and os.pread(self._wal.fd, WAL_HEADER_SIZE, 0)[WAL_SALT] != self._wal.salt:
+            raise CaptureError("the WAL restarted during the capture (impossible while pinned: not SQLite?)")
 
     def _wal_page(self, offset: int) -> bytes:
-        page = os.pread(self._wal_fd or 0, self.page_size, offset)
-        if len(page) != self.page_size:
-            raise CaptureError("the WAL is shorter than its index says")
-        return page
+        assert self._wal is not None
+        return os.pread(self._wal.fd, self.page_size, offset)
 
 
 @contextmanager
 def pinned_image(database: str) -> Iterator[PinnedImage]:
     """Open ``database`` and hold one read transaction on it for the ``with`` block."""
     with ExitStack() as stack:
-        try:
-            yield _pin(database, stack)
-        except sqlite3.Error as exc:
-            raise CaptureError(str(exc)) from exc
+        yield _pin(database, stack)
 
 
 def _pin(database: str, stack: ExitStack) -> PinnedImage:
+    raw = stack.enter_context(ExitStack())  # entered first, so closed after the connections
     uri = f"file:{quote(database)}"
     try:
-        # Descriptors are closed last (ExitStack unwinds in reverse): see the module notes.
-        db_fd = _open_raw(stack, database)
+        db_fd = _open_raw(raw, database)
         conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         stack.callback(conn.close)
         conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()  # creates -wal/-shm if needed
+        for _ in range(3):
+            wal = _is_wal(db_fd)
+            image = _pin_wal(database, uri, conn, db_fd, raw) if wal else _pin_rollback(conn, db_fd)
+            if _is_wal(db_fd) == wal:
+                return image
+            conn.execute("ROLLBACK")  # the journal mode changed while pinning: again
+        raise CaptureError("the journal mode keeps changing")
     except sqlite3.Error as exc:
-        raise CaptureError(str(exc)) from exc
+        raise CaptureError(_explain(exc, database)) from exc
     except OSError as exc:
-        raise CaptureError(exc.strerror or str(exc)) from exc
-    header = os.pread(db_fd, 100, 0)
-    if header[JOURNAL_MODE_BYTES] != b"\x02\x02":
-        return _pin_rollback(conn, db_fd)
-    return _pin_wal(database, uri, conn, db_fd, stack)
+        raise CaptureError(f"{exc.strerror or exc}") from exc
+
+
+def _explain(exc: sqlite3.Error, database: str) -> str:
+    journal = database + "-journal"
+    if "readonly" in str(exc) and os.path.exists(journal) and os.path.getsize(journal) > 0:
+        return (f"{exc}: a hot journal ({os.path.basename(journal)}) needs recovery by a writer; "
+                f"start club once so that it rolls the interrupted transaction back")
+    return str(exc)
 
 
 def _open_raw(stack: ExitStack, path: str) -> int:
@@ -135,54 +161,68 @@ def _open_raw(stack: ExitStack, path: str) -> int:
     return fd
 
 
+def _is_wal(db_fd: int) -> bool:
+    return os.pread(db_fd, 100, 0)[JOURNAL_MODE_BYTES] == b"\x02\x02"
+
+
 def _pin_rollback(conn: sqlite3.Connection, db_fd: int) -> PinnedImage:
     conn.execute("BEGIN")
     conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # SHARED lock from here on
-    page_size, page_count = _geometry(conn)
-    info = {"method": "page-read", "journal_mode": "rollback", **_versions(conn)}
-    return PinnedImage(conn, page_size, page_count, info, db_fd, None)
+    info = {"method": "page-read", "journal_mode": "rollback", **_describe(conn)}
+    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, None)
 
 
-def _pin_wal(database: str, uri: str, conn: sqlite3.Connection, db_fd: int, stack: ExitStack) -> PinnedImage:
+def _pin_wal(database: str, uri: str, conn: sqlite3.Connection, db_fd: int, raw: ExitStack) -> PinnedImage:
     try:
-        shm_fd = _open_raw(stack, database + "-shm")
-        wal_fd = _open_raw(stack, database + "-wal")
+        shm_fd = _open_raw(raw, database + "-shm")
+        wal_fd = _open_raw(raw, database + "-wal")
     except OSError as exc:
         raise CaptureError(f"cannot read the WAL index ({exc.strerror})") from exc
     started = time.monotonic()
-    pinned = None
-    for _ in range(OPTIMISTIC_TRIES):
+    pinned, seal_ms = None, None
+    for attempt in range(OPTIMISTIC_TRIES):
         pinned = _try_pin(conn, shm_fd)
         if pinned:
-            sealed = False
             break
-    else:
-        seal = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        try:
-            seal.execute("BEGIN IMMEDIATE")
-            sealed_at = time.monotonic()
-            pinned = _try_pin(conn, shm_fd)
-            seal.execute("ROLLBACK")
-            sealed = True
-            seal_ms = round((time.monotonic() - sealed_at) * 1000, 3)
-        finally:
-            seal.close()  # while our reader is open, closing cannot checkpoint or remove the WAL
-        if not pinned:
-            raise CaptureError("the WAL index changed under a sealed read (another process is not SQLite?)")
+        time.sleep(BACKOFF_S * attempt)  # let a burst of commits pass
+    if not pinned:
+        pinned, seal_ms = _sealed_pin(uri, conn, shm_fd)
     header, backfilled = pinned
-    _, _, _, _, _, _, max_frame, _, _, salt, _ = header
-    page_size, page_count = _geometry(conn)
-    image = PinnedImage(conn, page_size, page_count, {}, db_fd, None)
-    if backfilled < max_frame:
-        # Frames above the checkpoint are needed; frames at or below it are in the file too.
-        image._wal_fd, image._wal_salt = wal_fd, salt
-        image._wal_frames = _wal_frames(wal_fd, max_frame, page_size, salt)
-    image.info = {"method": "page-read", "journal_mode": "wal", "wal_frames": max_frame,
-                  "wal_frames_checkpointed": min(backfilled, max_frame),
-                  "wal_bytes": os.fstat(wal_fd).st_size,
-                  "pin_ms": round((time.monotonic() - started) * 1000, 3), "sealed": sealed,
-                  **({"seal_ms": seal_ms} if sealed else {}), **_versions(conn)}
-    return image
+    max_frame, salt = header[6], header[9]
+    info = {"method": "page-read", "journal_mode": "wal", **_describe(conn)}
+    # Frames above the checkpoint mark are needed; frames at or below it are in the file.
+    wal = (_WalOverlay(wal_fd, salt, _wal_frames(wal_fd, max_frame, info["page_size"], salt))
+           if backfilled < max_frame else None)
+    info |= {"wal_frames": max_frame, "wal_frames_checkpointed": min(backfilled, max_frame),
+             "wal_bytes": os.fstat(wal_fd).st_size, "pin_ms": round((time.monotonic() - started) * 1000, 3),
+             "sealed": seal_ms is not None, **({"seal_ms": seal_ms} if seal_ms is not None else {})}
+    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, wal)
+
+
+def _sealed_pin(uri: str, conn: sqlite3.Connection, shm_fd: int) -> tuple[tuple[tuple[Any, ...], int], float]:
+    """Pin while our own ``BEGIN IMMEDIATE`` keeps commits out, for well under a ms.
+    Waiting for that lock costs club nothing; holding it, our reader waits at most
+    ``SEALED_BUSY_TIMEOUT_MS``, far inside club's busy_timeout (5 s)."""
+    try:
+        seal = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise CaptureError(f"club committed between every attempt to pin, and the database cannot be "
+                           f"opened for writing to seal it ({exc})") from exc
+    try:
+        seal.execute("BEGIN IMMEDIATE")
+        held = time.monotonic()
+        conn.execute(f"PRAGMA busy_timeout={SEALED_BUSY_TIMEOUT_MS}")
+        try:
+            pinned = _try_pin(conn, shm_fd)
+        finally:
+            seal.execute("ROLLBACK")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
+        seal_ms = round((time.monotonic() - held) * 1000, 3)
+    finally:
+        seal.close()  # while our reader is open, closing cannot checkpoint or remove the WAL
+    if not pinned:
+        raise CaptureError("the WAL index changed under a sealed read (is another program writing it?)")
+    return pinned, seal_ms
 
 
 def _try_pin(conn: sqlite3.Connection, shm_fd: int) -> tuple[tuple[Any, ...], int] | None:
@@ -230,13 +270,8 @@ def _wal_frames(wal_fd: int, max_frame: int, page_size: int, salt: bytes) -> dic
     return frames
 
 
-def _geometry(conn: sqlite3.Connection) -> tuple[int, int]:
-    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-    page_count = int(conn.execute("PRAGMA page_count").fetchone()[0])
-    return page_size, page_count
-
-
-def _versions(conn: sqlite3.Connection) -> dict[str, Any]:
+def _describe(conn: sqlite3.Connection) -> dict[str, Any]:
+    """What a snapshot records of the image, read on the pinned connection."""
     def pragma(name: str) -> int:
         return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
 
