@@ -172,7 +172,9 @@ class _SnapshotBuilder:
             except sqlite_source.CaptureError as exc:
                 self.errors.append(f"{display(item.rel)}: cannot capture SQLite database ({exc})")
                 continue
-            captures.append(_Capture(item, image, pin, parent_entry))
+            parent_record = next((d for d in parent.record.get("databases", []) if d.get("path") == item.rel),
+                                 None) if parent else None
+            captures.append(_Capture(item, image, pin, parent_entry, parent_record))
         return captures
 
     def read_databases(self, captures: list[_Capture]) -> dict[bytes, Entry]:
@@ -191,27 +193,41 @@ class _SnapshotBuilder:
     def _read_database(self, capture: _Capture) -> Entry:
         item, image = capture.item, capture.image
         parent_map, parent_ids = self._parent_map(capture)
-        ids = bytearray()
-        pages_stored = page_bytes = 0
-        for batch in _batches(image.pages(), PAGE_BATCH):
-            batch_ids, stored, stored_bytes = self._store_pages(batch)
-            ids += batch_ids
-            pages_stored, page_bytes = pages_stored + stored, page_bytes + stored_bytes
-        map_blobs = _TreeBatch(self.repo)
-        page_map = store_page_map(map_blobs, bytes(ids), image.page_size, parent_map)
-        _, map_bytes = self.repo.add_blobs(BlobType.TREE, map_blobs.blobs)
+        trusted = image.file_ctime_ns < self.scan_start_ns - RACY_WINDOW_NS
+        if parent_map and trusted and self._unchanged_since_parent(capture, parent_ids):
+            ids, page_map, read = parent_ids, parent_map, 0
+            pages_stored = page_bytes = map_bytes = 0
+        else:
+            ids, pages_stored, page_bytes, read = bytearray(), 0, 0, image.size
+            for batch in _batches(image.pages(), PAGE_BATCH):
+                batch_ids, stored, stored_bytes = self._store_pages(batch)
+                ids += batch_ids
+                pages_stored, page_bytes = pages_stored + stored, page_bytes + stored_bytes
+            map_blobs = _TreeBatch(self.repo)
+            page_map = store_page_map(map_blobs, bytes(ids), image.page_size, parent_map)
+            _, map_bytes = self.repo.add_blobs(BlobType.TREE, map_blobs.blobs)
         changed = sum(parent_ids[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE))
-        self.databases.append({"path": item.rel, **image.info, "pages_changed": changed,
+        self.databases.append({"path": item.rel, **image.info, "pages_changed": changed, "bytes_read": read,
                                "pages_stored": pages_stored, "page_bytes_stored": page_bytes,
-                               "map_bytes_stored": map_bytes})
+                               "map_bytes_stored": map_bytes, **({"fingerprint": image.fingerprint} if trusted else {})})
         self.stats.bytes_total += image.size
-        self._count(item.rel, image.size, read=image.size, unchanged=changed == 0 and len(ids) == len(parent_ids),
+        self._count(item.rel, image.size, read=read, unchanged=changed == 0 and len(ids) == len(parent_ids),
                     changed=capture.parent_entry is not None)
         self.seen.add(item.rel)
         # Only what describes the content goes into the tree: timings and WAL state vary
         # with every run and would rewrite db/'s tree each time; the record keeps them.
         stable = {k: image.info[k] for k in ENTRY_SQLITE_FIELDS}
         return {**_meta(item), "type": "file", "size": image.size, "sqlite": stable, "page_map": bytes(page_map)}
+
+    def _unchanged_since_parent(self, capture: _Capture, parent_ids: bytearray) -> bool:
+        """The database file and its WAL are exactly as the parent snapshot found them (same
+        fingerprint), and every page chunk is still indexed: the parent's map is this
+        image's, without reading a page."""
+        recorded = (capture.parent_record or {}).get("fingerprint")
+        if recorded != capture.image.fingerprint:
+            return False
+        unique = list({ChunkId(bytes(parent_ids[at:at + ID_SIZE])) for at in range(0, len(parent_ids), ID_SIZE)})
+        return len(self.repo.which_exist(unique)) == len(unique)
 
     def _parent_map(self, capture: _Capture) -> tuple[ChunkId | None, bytearray]:
         """The parent snapshot's map of this database and its page ids, or none: a parent
@@ -383,7 +399,8 @@ class _Capture:
     item: Item
     image: sqlite_source.PinnedImage
     pin: ExitStack  # ends the read transaction
-    parent_entry: Entry | None
+    parent_entry: Entry | None            # the parent snapshot's tree entry for the file
+    parent_record: dict[str, Any] | None  # and its `databases` record
 
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,

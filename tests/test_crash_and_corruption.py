@@ -93,7 +93,7 @@ def test_killed_runs_upload_is_reused(cli: Cli, tmp_path: Path, clock: Clock) ->
     cli("init", repo=repo)
     process = _spawn_snapshot(repo, data, tmp_path / "cache")
     deadline = time.monotonic() + 60
-    while not list((repo / "index").glob("*")) and time.monotonic() < deadline:
+    while not list((repo / "index").glob("[0-9a-f]*")) and time.monotonic() < deadline:  # not a .tmp-
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -359,3 +359,37 @@ def test_killing_a_snapshot_mid_capture_leaves_the_writer_and_the_repository_fin
     count, high = restored.execute("SELECT count(*), max(n) FROM numbered WHERE n > 0").fetchone()
     assert restored.execute("PRAGMA integrity_check").fetchone()[0] == "ok" and count == high > 0
     restored.close()
+
+
+def test_an_untouched_database_is_not_read_again_and_any_change_is_seen(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    db = _database(data / "db" / "club.db")
+    (data / "blobs").mkdir()
+    holder = sqlite3.connect(db)  # keeps the WAL (and its state) between snapshots
+    holder.execute("INSERT INTO numbered VALUES (1, NULL)")
+    holder.commit()
+    time.sleep(0.1)  # past the racy window
+
+    def snap() -> dict[str, object]:
+        clock.advance(minutes=1)
+        info = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
+        (database,) = info.record["databases"]
+        return {**database, "snapshot": info}
+
+    first, second = snap(), snap()
+    assert first["bytes_read"] > 0 and second["bytes_read"] == 0 and second["pages_changed"] == 0
+    holder.execute("INSERT INTO numbered VALUES (2, NULL)")  # a commit: only the WAL changes
+    holder.commit()
+    third = snap()
+    assert third["bytes_read"] > 0 and third["pages_changed"] > 0
+    holder.execute("PRAGMA wal_checkpoint(PASSIVE)")  # the file changes, the image does not
+    time.sleep(0.1)
+    fourth = snap()
+    assert fourth["bytes_read"] > 0 and fourth["pages_changed"] == 0 and fourth["pages_stored"] == 0
+    holder.close()
+    for case, rows in ((second, 1), (third, 2), (fourth, 2)):
+        target = tmp_path / f"r{rows}-{case['pages_changed']}-{case['bytes_read']}"
+        snapshot = case["snapshot"]
+        apply_restore(repo, plan_restore(repo, snapshot, target))  # type: ignore[arg-type]
+        assert _count(target / "db" / "club.db") == rows

@@ -46,6 +46,7 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 from ..errors import SourceError
+from ..format import digest
 
 BUSY_TIMEOUT_S = 30
 SEALED_BUSY_TIMEOUT_MS = 100   # while our seal holds club off, our reader must not wait long
@@ -87,6 +88,11 @@ class PinnedImage:
     info: dict[str, Any]
     _db_fd: int
     _wal: _WalOverlay | None
+    # Equal fingerprints mean equal images: the database file's identity and times (taken
+    # after pinning) and, in WAL mode, the WAL's salt, end mark and running checksum up to
+    # it. Like the files cache, it trusts a file's times unless they are too recent.
+    fingerprint: str
+    file_ctime_ns: int
 
     @property
     def size(self) -> int:
@@ -169,7 +175,9 @@ def _pin_rollback(conn: sqlite3.Connection, db_fd: int) -> PinnedImage:
     conn.execute("BEGIN")
     conn.execute("SELECT count(*) FROM sqlite_master").fetchall()  # SHARED lock from here on
     info = {"method": "page-read", "journal_mode": "rollback", **_describe(conn)}
-    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, None)
+    st = os.fstat(db_fd)
+    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, None,
+                       _fingerprint(st, info, b"rollback"), st.st_ctime_ns)
 
 
 def _pin_wal(database: str, uri: str, conn: sqlite3.Connection, db_fd: int, raw: ExitStack) -> PinnedImage:
@@ -196,7 +204,10 @@ def _pin_wal(database: str, uri: str, conn: sqlite3.Connection, db_fd: int, raw:
     info |= {"wal_frames": max_frame, "wal_frames_checkpointed": min(backfilled, max_frame),
              "wal_bytes": os.fstat(wal_fd).st_size, "pin_ms": round((time.monotonic() - started) * 1000, 3),
              "sealed": seal_ms is not None, **({"seal_ms": seal_ms} if seal_ms is not None else {})}
-    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, wal)
+    st = os.fstat(db_fd)
+    wal_state = salt + struct.pack("<I", max_frame) + header[8]  # salt, end mark, checksum to it
+    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, wal,
+                       _fingerprint(st, info, wal_state), st.st_ctime_ns)
 
 
 def _sealed_pin(uri: str, conn: sqlite3.Connection, shm_fd: int) -> tuple[tuple[tuple[Any, ...], int], float]:
@@ -268,6 +279,12 @@ def _wal_frames(wal_fd: int, max_frame: int, page_size: int, salt: bytes) -> dic
             page = int.from_bytes(block[at:at + 4], "big")
             frames[page] = WAL_HEADER_SIZE + (first + i) * frame_size + FRAME_HEADER_SIZE
     return frames
+
+
+def _fingerprint(st: os.stat_result, info: dict[str, Any], journal_state: bytes) -> str:
+    facts = struct.pack("<QQQQII", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                        info["page_size"], info["page_count"]) + journal_state
+    return digest(facts).hex()
 
 
 def _describe(conn: sqlite3.Connection) -> dict[str, Any]:
