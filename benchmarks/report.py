@@ -90,6 +90,8 @@ def markdown(command: str, results: list[dict[str, Any]], frequent: dict[str, An
              f"SQLite {m['sqlite']}; " + "; ".join(m[k] for k in ("restic", "borg") if k in m) + ".", "",
              METHOD]
     lines += _targets_table(results, frequent)
+    lines += ["Why each missed target is missed, what the profiles show and what would close it: "
+              "[benchmarks-analysis.md](benchmarks-analysis.md) (written by hand from cProfile runs).", ""]
     for result in results:
         lines += _scenario(result)
     if frequent:
