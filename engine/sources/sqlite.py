@@ -205,7 +205,9 @@ def _pin_wal(database: str, uri: str, conn: sqlite3.Connection, db_fd: int, raw:
              "wal_bytes": os.fstat(wal_fd).st_size, "pin_ms": round((time.monotonic() - started) * 1000, 3),
              "sealed": seal_ms is not None, **({"seal_ms": seal_ms} if seal_ms is not None else {})}
     st = os.fstat(db_fd)
-    wal_state = salt + struct.pack("<I", max_frame) + header[8]  # salt, end mark, checksum to it
+    # An empty WAL adds nothing to the image: then only the file counts (a WAL recreated
+    # when club is stopped gets a new salt every time).
+    wal_state = salt + struct.pack("<I", max_frame) + header[8] if max_frame else b"empty"
     return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, wal,
                        _fingerprint(st, info, wal_state), st.st_ctime_ns)
 
