@@ -51,7 +51,7 @@ How it is measured:
   peer restore moves the dump to `db/club.db` and removes stale sidecars (counted).
   restic runs with its defaults (repository v2, compression auto; restic always
   encrypts). borg runs with `--compression lz4` and `--encryption=repokey` (AES-CTR +
-  HMAC-SHA256; this CPU has AES-NI and SHA extensions). clubsnap's repository v1 is not
+  HMAC-SHA256; this CPU has AES-NI and SHA extensions). clubsnap's repository (format 2) is not
   encrypted, so the peers pay for encryption that clubsnap does not do.
 - Rollback: clubsnap restores with `--delete` and reuses the data already in the
   directory; the peers restore normally into it and cannot delete the files the
