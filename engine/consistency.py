@@ -5,7 +5,7 @@ before writing its blobs, so a blob the captured rows name was already written; 
 deletes a version's blobs before its row, so a version can vanish during the scan while
 the captured rows still name it. The blobs of such a version are carried forward from
 the parent snapshot, and the snapshot lists them. Only a vanished version qualifies (its
-tarball is gone too): a forced republish rewrites screenshots and README assets under
+tarball is gone too, from the scan or from the disk by the end of it): a forced republish rewrites screenshots and README assets under
 the same names, so a missing asset of a version still present may be on its way, and
 the parent's copy could be the wrong bytes; it is left missing (``dangling``). A carried
 blob must also have the size its row records. A publish that lands during the scan is at
@@ -14,6 +14,7 @@ worst an orphan: a blob no captured row names.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +45,8 @@ class Cut:
         return record
 
 
-def consistent_cut(repo: Repository, expected: list[Expected] | None, entries: dict[bytes, Entry],
-                   parent: SnapshotInfo | None, verify: bool) -> Cut:
+def consistent_cut(repo: Repository, root: bytes, expected: list[Expected] | None,
+                   entries: dict[bytes, Entry], parent: SnapshotInfo | None, verify: bool) -> Cut:
     """Carry forward what the captured database names but the scan no longer found;
     with ``verify``, also hold every named blob's size to the row (no data is read)."""
     cut = Cut()
@@ -56,7 +57,11 @@ def consistent_cut(repo: Repository, expected: list[Expected] | None, entries: d
         rel = b"blobs/" + item.key.encode()
         if rel in entries:
             continue
-        version_gone = _tarball(item.key) not in entries
+        # Gone: its tarball missed the scan, or is missing now (club's rmtree of a version
+        # removes files in no set order). A republish never removes the tarball: it
+        # replaces it by a rename.
+        tarball = _tarball(item.key)
+        version_gone = tarball not in entries or not os.path.exists(os.path.join(root, tarball))
         found = lookup(repo, parent.tree, rel, loaded) if parent and version_gone else None
         if (found is None or found[-1]["type"] != "file"
                 or (item.size is not None and found[-1]["size"] != item.size)):

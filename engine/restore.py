@@ -297,7 +297,7 @@ class _Writer:
             self._fetch(missing)
             self._install_files()
         finally:
-            self.writer.close()
+            self.writer.abort()  # after a failure: close, write nothing more
             for temp in self.temps.values():
                 if os.path.exists(temp):
                     os.unlink(temp)
@@ -346,8 +346,11 @@ class _Writer:
             try:
                 for chunk, places in chunks:
                     _, offset, length = self.plan.local[chunk]
-                    data = os.pread(fd, length, offset)
-                    if digest(data) != chunk:  # changed since the plan: fetch it instead
+                    try:
+                        data = os.pread(fd, length, offset)
+                    except OSError:
+                        data = b""
+                    if digest(data) != chunk:  # unreadable or changed since the plan: fetch it
                         missing[chunk] = places
                         continue
                     self._place(data, places)
@@ -425,8 +428,8 @@ class _Writer:
         Hard links first, removals after: a crash at any step leaves either the old set
         intact or a complete copy of it aside.
         """
-        if not os.path.exists(path):
-            return
+        if not os.path.exists(path) and not _has_sidecars(path):
+            return  # (a WAL without its database must still go: SQLite would replay it)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ").encode()
         aside = path + PRE_RESTORE_MARK + stamp
         for suffix in (b"", b"-wal", b"-journal"):
@@ -482,8 +485,15 @@ class _TempWriter:
             self._flush(next(iter(self.runs)))
 
     def close(self) -> None:
-        for temp in list(self.runs):
-            self._flush(temp)
+        try:
+            for temp in list(self.runs):
+                self._flush(temp)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop what is not written yet and close every file."""
+        self.runs.clear()
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()

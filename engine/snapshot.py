@@ -115,7 +115,7 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
             scan_tier(root, tier, scan)
     builder.files_total = len(scan.files) + len(scan.databases)
     entries.update(builder.read_files(scan))
-    cut = consistent_cut(repo, builder.expected, entries, parent, verify=options.verify)
+    cut = consistent_cut(repo, root, builder.expected, entries, parent, verify=options.verify)
     entries.update(cut.carried)
     tree = _build_trees(repo, scan.items, entries, cut.dirs)
     repo.flush()  # every pack and index durable, and counted, before the record is written
@@ -193,8 +193,12 @@ class _SnapshotBuilder:
     def _read_database(self, capture: _Capture) -> Entry:
         item, image = capture.item, capture.image
         parent_map, parent_ids = self._parent_map(capture)
-        trusted = image.file_ctime_ns < self.scan_start_ns - RACY_WINDOW_NS
-        if parent_map and trusted and self._unchanged_since_parent(capture, parent_ids):
+        # A file system with whole-second times (FAT, some NFS) needs a wider window.
+        racy = RACY_WINDOW_NS if image.file_ctime_ns % 1_000_000_000 else 2_000_000_000
+        trusted = image.file_ctime_ns < self.scan_start_ns - racy
+        same_shape = (len(parent_ids) == image.page_count * ID_SIZE and capture.parent_entry is not None
+                      and capture.parent_entry.get("sqlite", {}).get("page_size") == image.page_size)
+        if parent_map and trusted and same_shape and self._unchanged_since_parent(capture, parent_ids):
             ids, page_map, read = parent_ids, parent_map, 0
             pages_stored = page_bytes = map_bytes = 0
         else:

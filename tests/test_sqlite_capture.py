@@ -398,3 +398,29 @@ def test_an_untouched_database_is_not_read_again_and_any_change_is_seen(
         snapshot = case["snapshot"]
         apply_restore(repo, plan_restore(repo, snapshot, target))  # type: ignore[arg-type]
         assert _count(target / "db" / "club.db") == rows
+
+
+def test_a_wal_left_without_its_database_is_not_replayed_over_the_restore(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    """An operator deleted a broken club.db but not its -wal: SQLite would replay that WAL
+    over the restored file (nothing ties a WAL to its database)."""
+    data = tmp_path / "data"
+    _database(data / "db" / "club.db")
+    (data / "blobs").mkdir()
+    snap = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=clock)).info
+    target = tmp_path / "target"
+    apply_restore(repo, plan_restore(repo, snap, target))
+    restored = target / "db" / "club.db"
+    writer = sqlite3.connect(restored)  # the same database moves on in its WAL, then "crashes"
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("INSERT INTO numbered VALUES (7, NULL)")
+    writer.commit()
+    wal = Path(f"{restored}-wal").read_bytes()
+    writer.close()
+    restored.unlink()
+    Path(f"{restored}-shm").unlink(missing_ok=True)
+    Path(f"{restored}-wal").write_bytes(wal)  # left behind, with a committed row in it
+    assert len(wal) > 0
+    apply_restore(repo, plan_restore(repo, snap, target))
+    assert not Path(f"{restored}-wal").exists()
+    assert _count(restored) == 0

@@ -284,7 +284,7 @@ def _wal_frames(wal_fd: int, max_frame: int, page_size: int, salt: bytes) -> dic
 
 
 def _fingerprint(st: os.stat_result, info: dict[str, Any], journal_state: bytes) -> str:
-    facts = struct.pack("<QQQQII", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+    facts = struct.pack("<QqqqII", st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
                         info["page_size"], info["page_count"]) + journal_state
     return digest(facts).hex()
 
