@@ -23,7 +23,7 @@ Every map record and leaf is a TREE blob (metadata); ``docs/format.md`` has the 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import IntegrityError
 from .format import ID_SIZE, BlobType, ChunkId, pack_record, unpack_record
@@ -78,15 +78,23 @@ def _delta(store: BlobStore, ids: bytes, page_size: int, parent: ChunkId,
 
 def _changes(old: bytes, new: bytes) -> bytes:
     """(page number, id) for every page of ``new`` whose id differs from ``old``'s."""
-    changes = bytearray()
+    return b"".join(CHANGE.pack(at // ID_SIZE + 1, new[at:at + ID_SIZE]) for at in _differing(old, new))
+
+
+def changed_pages(old: bytes | bytearray, new: bytes | bytearray) -> int:
+    """How many pages of ``new`` differ from ``old`` (pages past ``old``'s end count)."""
+    return sum(1 for _ in _differing(old, new))
+
+
+def _differing(old: bytes | bytearray, new: bytes | bytearray) -> Iterator[int]:
+    """Byte offsets of the ids in ``new`` that differ from ``old``'s."""
     block = LEAF_PAGES * ID_SIZE
     for start in range(0, len(new), block):  # whole equal blocks are skipped at C speed
         if old[start:start + block] == new[start:start + block]:
             continue
         for at in range(start, min(start + block, len(new)), ID_SIZE):
             if old[at:at + ID_SIZE] != new[at:at + ID_SIZE]:
-                changes += CHANGE.pack(at // ID_SIZE + 1, new[at:at + ID_SIZE])
-    return bytes(changes)
+                yield at
 
 
 def load_page_ids(store: BlobStore, map_id: ChunkId) -> bytearray:

@@ -31,7 +31,7 @@ from .format import ID_SIZE, BlobType, ChunkId, digest, display
 from .repository import Repository, SnapshotInfo, WriteStats
 from .sources import sqlite as sqlite_source
 from .sources.files import Item, Scan, scan_tier, tiers_for
-from .pagemap import load_page_ids, store_page_map
+from .pagemap import changed_pages, load_page_ids, store_page_map
 from .tree import Entry, lookup, store_tree
 
 # A file whose ctime is this close to the scan start may still be changing within one
@@ -210,7 +210,7 @@ class _SnapshotBuilder:
             map_blobs = _TreeBatch(self.repo)
             page_map = store_page_map(map_blobs, bytes(ids), image.page_size, parent_map)
             _, map_bytes = self.repo.add_blobs(BlobType.TREE, map_blobs.blobs)
-        changed = sum(parent_ids[at:at + ID_SIZE] != ids[at:at + ID_SIZE] for at in range(0, len(ids), ID_SIZE))
+        changed = changed_pages(parent_ids, ids)
         self.databases.append({"path": item.rel, **image.info, "pages_changed": changed, "bytes_read": read,
                                "pages_stored": pages_stored, "page_bytes_stored": page_bytes,
                                "map_bytes_stored": map_bytes, **({"fingerprint": image.fingerprint} if trusted else {})})
