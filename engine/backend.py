@@ -23,7 +23,10 @@ Contract (checked by ``tests/test_backend_contract.py`` for every backend):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from .backends.s3 import S3Settings
 
 
 class Backend(ABC):
@@ -54,13 +57,31 @@ class Backend(ABC):
     def delete(self, key: str) -> None:
         """Remove an object; absent keys are ignored."""
 
+    @property
+    def concurrency(self) -> int:
+        """How many requests at once serve this backend well (a remote store hides its
+        latency behind parallel requests; a local disk gains nothing from them)."""
+        return 1
 
-def open_backend(url: str) -> Backend:
-    """Backend for a repository URL: a local path or ``file://`` path."""
+    def request_counts(self) -> dict[str, int] | None:
+        """HTTP requests made so far by class, for backends that bill per request."""
+        return None
+
+    def prepare_for_init(self) -> None:
+        """Make the location ready for a new repository (a bucket is created if absent)."""
+
+
+def open_backend(url: str, s3: "S3Settings | None" = None) -> Backend:
+    """Backend for a repository URL: a local path, ``file://`` path, ``s3://bucket/prefix``
+    or ``gs://bucket/prefix`` (Google Cloud Storage through its S3-interoperable API)."""
     from .backends.fs import FsBackend
 
     if url.startswith("file://"):
         return FsBackend(url[len("file://"):])
+    if url.startswith(("s3://", "gs://")):
+        from .backends.s3 import S3Backend
+
+        return S3Backend(url, s3)
     if "://" in url:
         from .errors import UsageError
 

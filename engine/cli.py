@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import errors
-from .backend import open_backend
+from .backend import Backend, open_backend
+from .backends.s3 import S3Settings
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
 from .repository import Repository
@@ -56,8 +57,14 @@ def _repo_url(args: argparse.Namespace) -> str:
     return url
 
 
+def _backend(url: str) -> Backend:
+    return open_backend(url, S3Settings.from_environ(os.environ))
+
+
 def _open(args: argparse.Namespace) -> Repository:
-    return Repository.open(open_backend(_repo_url(args)), _cache_root(args))
+    repo = Repository.open(_backend(_repo_url(args)), _cache_root(args))
+    args.repository = repo  # for the request counts reported after the command
+    return repo
 
 
 class _Reporter:
@@ -99,13 +106,29 @@ class _Reporter:
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    repo = getattr(args, "repository", None)
+    if isinstance(data, dict) and repo is not None and "requests" not in data:
+        data = {**data, "requests": repo.backend.snapshot()}  # request counts are the bill
     print(json.dumps(data, indent=2, default=str) if args.json else text)
+
+
+def _report_requests(args: argparse.Namespace) -> None:
+    """``--requests``: one line on stderr with what the command cost the backend."""
+    repo = getattr(args, "repository", None)
+    if not args.requests or repo is None:
+        return
+    counts = repo.backend.snapshot()
+    calls = ", ".join(f"{counts[name]} {name.upper()}" for name in ("put", "get", "head", "list", "delete"))
+    retries = f" ({counts['retries']} retried)" if counts.get("retries") else ""
+    print(f"requests: {calls}{retries}; {counts['bytes_written'] / 1e6:,.2f} MB up, "
+          f"{counts['bytes_read'] / 1e6:,.2f} MB down", file=sys.stderr)
 
 
 # ---- commands -------------------------------------------------------------------------------
 
 def cmd_init(args: argparse.Namespace) -> int:
-    repo = Repository.init(open_backend(_repo_url(args)), _cache_root(args), _now)
+    repo = Repository.init(_backend(_repo_url(args)), _cache_root(args), _now)
+    args.repository = repo
     _emit(args, {"id": repo.config.repo_id, "repository": repo.backend.location},
           f"created clubsnap repository {repo.config.repo_id[:8]} at {repo.backend.location}\n"
           f"encryption: none (this format version does not encrypt; keep the repository on trusted storage)")
@@ -304,13 +327,15 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     options.add_argument("--cache-dir", default=default,
                          help="local catalog directory (default: $XDG_CACHE_HOME/clubsnap)")
     options.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    options.add_argument("--requests", action="store_true", default=default,
+                         help="print the backend requests the command made (PUT/GET/HEAD/LIST/DELETE) on stderr")
     return options
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clubsnap", parents=[_global_options(None)],
                                      description="Incremental, deduplicating snapshots of a club data directory.")
-    parser.set_defaults(repo=None, cache_dir=None, json=False)
+    parser.set_defaults(repo=None, cache_dir=None, json=False, requests=False)
     # Repeated on every command, so they may come after it too; SUPPRESS keeps a value
     # given before the command from being reset by the command's own default.
     common = _global_options(argparse.SUPPRESS)
@@ -381,8 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        _report_requests(args)
         return code
     except errors.EngineError as exc:
+        _report_requests(args)
         print(f"clubsnap: {exc}", file=sys.stderr)
         return exc.exit_code
     except sqlite3.Error as exc:  # the local catalog failed after it opened (locked, disk)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -98,6 +99,11 @@ class Repository:
         self._uploaded: dict[ChunkId, BlobEntry] = {}
         self._unindexed: list[tuple[PackId, int, list[BlobEntry]]] = []
         self._builders = {t: PackBuilder(t) for t in BlobType}
+        # Uploads run in the background when the backend serves parallel requests well;
+        # at most `concurrency` packs are in flight, which bounds memory.
+        self._upload_slots = threading.BoundedSemaphore(self.backend.concurrency)
+        self._upload_pool: ThreadPoolExecutor | None = None
+        self._pending_uploads: list[Future[None]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -108,6 +114,7 @@ class Repository:
                             chunker or ChunkerParams())
         catalog = Catalog(cache_root / config.repo_id / "catalog.db")  # fail before writing anything
         try:
+            backend.prepare_for_init()
             backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record()), exclusive=True)
         except BaseException:
             catalog.close()
@@ -129,6 +136,9 @@ class Repository:
         return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"))
 
     def close(self) -> None:
+        self._wait_for_uploads(raise_errors=False)
+        if self._upload_pool is not None:
+            self._upload_pool.shutdown()
         self.catalog.close()
 
     # ---- index synchronisation -------------------------------------------------------------
@@ -224,11 +234,28 @@ class Repository:
         return len(encoded)
 
     def _upload(self, builder: PackBuilder) -> None:
-        # One upload at a time: a reader thread that fills a pack meanwhile waits here,
-        # which bounds memory to a few packs however fast the files are read.
-        with self._upload_lock:
-            pack_id, data, entries = builder.finish()
-            self.backend.put(pack_key(pack_id), data)
+        if self.backend.concurrency == 1:
+            # One upload at a time: a reader thread that fills a pack meanwhile waits here,
+            # which bounds memory to a few packs however fast the files are read.
+            with self._upload_lock:
+                self._put_pack(*builder.finish())
+            return
+        self._upload_slots.acquire()  # waits while `concurrency` packs are in flight
+        try:
+            self._raise_failed_upload()
+            pack = builder.finish()
+            with self._lock:
+                if self._upload_pool is None:
+                    self._upload_pool = ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="upload")
+                future = self._upload_pool.submit(self._put_pack, *pack)
+                self._pending_uploads.append(future)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+        future.add_done_callback(lambda _: self._upload_slots.release())
+
+    def _put_pack(self, pack_id: PackId, data: bytes | bytearray, entries: list[BlobEntry]) -> None:
+        self.backend.put(pack_key(pack_id), data)
         with self._lock:
             self.stats.packs_written += 1
             self.stats.pack_bytes_written += len(data)
@@ -239,6 +266,21 @@ class Repository:
                 self._unindexed = []
         if batch:
             self._write_index(batch)
+
+    def _raise_failed_upload(self) -> None:
+        """Fail early, at the next pack, when a background upload has failed."""
+        with self._lock:
+            failed = [f for f in self._pending_uploads if f.done() and f.exception() is not None]
+            self._pending_uploads = [f for f in self._pending_uploads if not f.done()]
+        if failed:
+            failed[0].result()
+
+    def _wait_for_uploads(self, raise_errors: bool = True) -> None:
+        with self._lock:
+            pending, self._pending_uploads = self._pending_uploads, []
+        errors = [f.exception() for f in pending if f.exception() is not None]  # exception() waits
+        if errors and raise_errors:
+            raise errors[0]  # type: ignore[misc]
 
     def _write_index(self, batch: list[tuple[PackId, int, list[BlobEntry]]]) -> None:
         record = {"packs": [{"id": bytes(p), "size": size, "blobs": [e.to_row() for e in entries]}
@@ -258,6 +300,7 @@ class Repository:
             self._builders = {t: PackBuilder(t) for t in BlobType}
         for builder in builders:
             self._upload(builder)
+        self._wait_for_uploads()
         with self._lock:
             batch, self._unindexed = self._unindexed, []
         if batch:
@@ -352,6 +395,7 @@ class Repository:
     def discard_unwritten(self) -> None:
         """Forget blobs of this session that never reached storage (after a failed run),
         so a retry with this object uploads them instead of trusting they exist."""
+        self._wait_for_uploads(raise_errors=False)
         with self._lock:
             self._session_ids = set(self._uploaded)
             self._builders = {t: PackBuilder(t) for t in BlobType}

@@ -24,7 +24,8 @@ import shutil
 import sqlite3
 import stat
 import struct
-from collections import defaultdict
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -365,24 +366,51 @@ class _Writer:
         by_pack: dict[PackId, list[BlobEntry]] = defaultdict(list)
         for chunk in missing:
             by_pack[located[chunk].pack].append(located[chunk])
-        for pack, blobs in sorted(by_pack.items()):
-            key = pack_key(pack)
-            for start, end, members in coalesce(blobs):
+        ranges = [(pack_key(pack), start, end, members) for pack, blobs in sorted(by_pack.items())
+                  for start, end, members in coalesce(blobs)]
+        for (key, start, end, members), data in self._download(ranges):
+            for blob in members:
+                stored = memoryview(data)[blob.offset - start:blob.offset - start + blob.length]
                 try:
-                    data = self.repo.backend.get(key, start, end - start)
-                except ObjectNotFound as exc:
-                    raise IntegrityError(f"{key}: pack missing, needed by {self._users(members)}") from exc
-                except BackendError as exc:
-                    if self._pack_size(key) >= end:
-                        raise
-                    raise IntegrityError(f"{key}: pack truncated, needed by {self._users(members)}") from exc
-                for blob in members:
-                    stored = memoryview(data)[blob.offset - start:blob.offset - start + blob.length]
-                    try:
-                        raw = decode_blob(stored, blob.id, key)
-                    except IntegrityError as exc:
-                        raise IntegrityError(f"{exc}; needed by {self._users([blob])}") from exc
-                    self._place(raw, missing[blob.id])
+                    raw = decode_blob(stored, blob.id, key)
+                except IntegrityError as exc:
+                    raise IntegrityError(f"{exc}; needed by {self._users([blob])}") from exc
+                self._place(raw, missing[blob.id])
+
+    def _download(self, ranges: list[tuple[str, int, int, list[BlobEntry]]]
+                  ) -> Iterator[tuple[tuple[str, int, int, list[BlobEntry]], bytes]]:
+        """Fetch the ranges, yielding them in order. With a backend that serves parallel
+        requests, up to twice its concurrency are in flight (bounded memory); the writes
+        stay on this thread."""
+        width = self.repo.backend.concurrency
+        if width == 1:
+            for item in ranges:
+                yield item, self._get_range(*item)
+            return
+        with ThreadPoolExecutor(width, thread_name_prefix="fetch") as pool:
+            window: deque[tuple[tuple[str, int, int, list[BlobEntry]], Future[bytes]]] = deque()
+            try:
+                for item in ranges:
+                    window.append((item, pool.submit(self._get_range, *item)))
+                    if len(window) >= 2 * width:
+                        first, future = window.popleft()
+                        yield first, future.result()
+                while window:
+                    first, future = window.popleft()
+                    yield first, future.result()
+            finally:
+                for _, future in window:
+                    future.cancel()
+
+    def _get_range(self, key: str, start: int, end: int, members: list[BlobEntry]) -> bytes:
+        try:
+            return self.repo.backend.get(key, start, end - start)
+        except ObjectNotFound as exc:
+            raise IntegrityError(f"{key}: pack missing, needed by {self._users(members)}") from exc
+        except BackendError as exc:
+            if self._pack_size(key) >= end:
+                raise
+            raise IntegrityError(f"{key}: pack truncated, needed by {self._users(members)}") from exc
 
     def _pack_size(self, key: str) -> int:
         try:

@@ -96,6 +96,7 @@ def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResul
 def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     root = _check_source(options.source)
     written_before = replace(repo.stats)
+    requests_before = repo.backend.snapshot()
     repo.sync_index()
     source_key = display(root)
     cache = repo.catalog.load_files(source_key)
@@ -120,7 +121,8 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     tree = _build_trees(repo, scan.items, entries, cut.dirs)
     repo.flush()  # every pack and index durable, and counted, before the record is written
     written = repo.stats.since(written_before)
-    record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut)
+    record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut,
+                              _requests_since(repo, requests_before))
     info = repo.save_snapshot(record, start)
     repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
     return SnapshotResult(info, record["stats"], scan.errors + builder.errors, builder.warnings)
@@ -409,7 +411,7 @@ class _Capture:
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,
                      builder: _SnapshotBuilder, scan: Scan, parent: SnapshotInfo | None,
-                     written: WriteStats, cut: Cut) -> dict[str, Any]:
+                     written: WriteStats, cut: Cut, requests: dict[str, int]) -> dict[str, Any]:
     stats = builder.stats
     return {
         "time": start.isoformat(),
@@ -430,9 +432,15 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
                   "bytes_added": written.pack_bytes_written, "packs_written": written.packs_written,
                   "index_objects_written": written.index_objects_written,
                   "files_vanished": len(builder.vanished),
+                  "requests": requests,
                   "duration_s": round((options.now() - start).total_seconds(), 3)},
         "program": "clubsnap 0.1.0",
     }
+
+
+def _requests_since(repo: Repository, before: dict[str, int]) -> dict[str, int]:
+    """Backend requests this snapshot made, by class, up to (not including) its record."""
+    return {k: v - before.get(k, 0) for k, v in repo.backend.snapshot().items() if not k.startswith("bytes")}
 
 
 def _parent(repo: Repository, source: str, host: str) -> SnapshotInfo | None:

@@ -9,9 +9,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+import itertools
+
 import pytest
 
 from engine import Repository, open_backend
+
+from .s3support import MotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +70,49 @@ def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
                               env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
 
     return run
+
+
+# ---- S3: a real HTTP endpoint (moto's server) -----------------------------------------------
+
+_buckets = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto server per session. A missing moto fails the S3 tests, never skips them:
+    CI must not pass without them."""
+    server = MotoServer()
+    yield server
+    server.stop()
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "",
+            "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+            "CLUBSNAP_S3_ENDPOINT": endpoint, "CLUBSNAP_S3_REGION": "us-east-1", "CLUBSNAP_S3_ADDRESSING": "path"}
+
+
+@pytest.fixture
+def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Credentials and endpoint for the moto server, set in this process (so subprocesses
+    inherit them) and returned."""
+    env = s3_environment(moto_server.endpoint)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_url(s3_env: dict[str, str]) -> str:
+    """A fresh, empty bucket on the moto server, as a repository URL with a prefix."""
+    bucket = f"clubsnap-test-{os.getpid()}-{next(_buckets)}"
+    s3_client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/repo"
+
+
+def s3_client(endpoint: str | None = None):  # type: ignore[no-untyped-def]
+    """A plain boto3 client for the test's own setup and inspection."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint or os.environ["CLUBSNAP_S3_ENDPOINT"], region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")

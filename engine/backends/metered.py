@@ -9,6 +9,8 @@ from typing import Iterator
 
 from ..backend import Backend
 
+CALLS = ("put", "get", "head", "list", "delete")  # a stat is a HEAD on object stores
+
 
 class MeteredBackend(Backend):
     def __init__(self, inner: Backend) -> None:
@@ -25,10 +27,23 @@ class MeteredBackend(Backend):
             self.bytes_written += written
 
     def snapshot(self) -> dict[str, int]:
-        """Current counters as a plain dict, for stats and ``--json``."""
+        """Current counters as a plain dict, for stats and ``--json``: the HTTP requests
+        of a backend that counts them (retries and list pages included), else the calls."""
+        counted = self.inner.request_counts()
         with self._lock:
-            return {**{f"{op}_requests": n for op, n in sorted(self.requests.items())},
+            requests = counted if counted is not None else dict(self.requests)
+            return {**{f"{op}_requests": n for op, n in sorted(requests.items())},
                     "bytes_read": self.bytes_read, "bytes_written": self.bytes_written}
+
+    @property
+    def concurrency(self) -> int:
+        return self.inner.concurrency
+
+    def request_counts(self) -> dict[str, int] | None:
+        return self.inner.request_counts()
+
+    def prepare_for_init(self) -> None:
+        self.inner.prepare_for_init()
 
     @property
     def location(self) -> str:
@@ -44,7 +59,7 @@ class MeteredBackend(Backend):
         return data
 
     def stat(self, key: str) -> int:
-        self._count("stat")
+        self._count("head")
         return self.inner.stat(key)
 
     def list(self, prefix: str) -> Iterator[tuple[str, int]]:
