@@ -18,7 +18,7 @@ from .errors import EngineError
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: files.etag (objects of a bucket source), the tree cache
 LOOKUP_BATCH = 500  # ids per SELECT … IN (…)
 
 
@@ -31,6 +31,7 @@ class CachedFile:
     ctime_ns: int
     inode: int
     chunks: list[ChunkId]
+    etag: str | None = None  # a bucket object's ETag (size and ETag decide "unchanged" there)
 
 
 class Catalog:
@@ -52,7 +53,13 @@ class Catalog:
 
     def _create_schema(self) -> None:
         with self._lock:
-            if self._schema_version() == str(SCHEMA_VERSION):
+            version = self._schema_version()
+            if version == str(SCHEMA_VERSION):
+                return
+            if version == "1":  # keep the files cache: losing it costs a full read
+                self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
+                self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
+                self.set_meta("schema", str(SCHEMA_VERSION))
                 return
             # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
             # frequent snapshots run every few minutes) would pay for a schema made once.
@@ -67,8 +74,10 @@ class Catalog:
             db.table("blobs").create({"id": bytes, "type": int, "pack": bytes, "offset": int,
                                       "length": int, "raw_length": int}, pk="id")
             db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes}, pk="key")
+            db.table("trees").create({"id": bytes, "stored": bytes}, pk="id")
             db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
-                                      "ctime_ns": int, "inode": int, "chunks": bytes}, pk=("source", "path"))
+                                      "ctime_ns": int, "inode": int, "chunks": bytes, "etag": str},
+                                     pk=("source", "path"))
             self.set_meta("schema", str(SCHEMA_VERSION))
 
     def _schema_version(self) -> str | None:
@@ -164,6 +173,19 @@ class Catalog:
         return {"blobs": row[0], "stored_bytes": row[1], "raw_bytes": row[2],
                 "packs": packs[0], "pack_bytes": packs[1]}
 
+    # ---- tree cache: tree and page-map blobs as stored, so walking a snapshot costs no
+    # request (each tree is a ranged GET otherwise, thousands per restore on S3)
+
+    def cached_tree(self, blob_id: bytes) -> bytes | None:
+        with self._lock:
+            row = self._conn.execute("SELECT stored FROM trees WHERE id=?", [blob_id]).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def cache_trees(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR REPLACE INTO trees VALUES (?, ?)", blobs)
+
     # ---- snapshots ---------------------------------------------------------------------
 
     def snapshot_keys(self) -> set[str]:
@@ -189,9 +211,9 @@ class Catalog:
     def load_files(self, source: str) -> dict[bytes, CachedFile]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT path, size, mtime_ns, ctime_ns, inode, chunks FROM files WHERE source=?", [source])
+                "SELECT path, size, mtime_ns, ctime_ns, inode, chunks, etag FROM files WHERE source=?", [source])
             return {row[0]: CachedFile(row[1], row[2], row[3], row[4],
-                                       [ChunkId(c) for c in unpack_record(row[5], "files cache")])
+                                       [ChunkId(c) for c in unpack_record(row[5], "files cache")], row[6])
                     for row in rows}
 
     def update_files(self, source: str, changed: dict[bytes, CachedFile], gone: Iterable[bytes]) -> None:
@@ -200,6 +222,6 @@ class Catalog:
             self._conn.executemany("DELETE FROM files WHERE source=? AND path=?",
                                       [(source, path) for path in gone])
             self._conn.executemany(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(source, path, f.size, f.mtime_ns, f.ctime_ns, f.inode,
-                  pack_record([bytes(c) for c in f.chunks])) for path, f in changed.items()])
+                  pack_record([bytes(c) for c in f.chunks]), f.etag) for path, f in changed.items()])

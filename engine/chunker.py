@@ -15,7 +15,7 @@ file the same way and reuse the chunks it already holds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import Iterator, Protocol
 
 READ_SIZE = 4 << 20  # must stay above cdc_max; bounds memory per reader thread
 
@@ -38,17 +38,23 @@ class ChunkerParams:
         return cls(**{key: int(record[key]) for key in cls().to_record()})
 
 
+class ByteStream(Protocol):
+    """What the chunkers read from: a file, or a bucket object's body."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
 CDC = "cdc"
 FIXED = "fixed"
 
 
-def chunk_stream(stream: BinaryIO, method: str, params: ChunkerParams) -> Iterator[bytes]:
+def chunk_stream(stream: ByteStream, method: str, params: ChunkerParams) -> Iterator[bytes]:
     if method == FIXED:
         return fixed_chunks(stream, params.page_chunk)
     return cdc_chunks(stream, params)
 
 
-def fixed_chunks(stream: BinaryIO, size: int) -> Iterator[bytes]:
+def fixed_chunks(stream: ByteStream, size: int) -> Iterator[bytes]:
     while True:
         block = stream.read(size)
         if not block:
@@ -56,7 +62,7 @@ def fixed_chunks(stream: BinaryIO, size: int) -> Iterator[bytes]:
         yield block
 
 
-def cdc_chunks(stream: BinaryIO, params: ChunkerParams) -> Iterator[bytes]:
+def cdc_chunks(stream: ByteStream, params: ChunkerParams) -> Iterator[bytes]:
     """FastCDC over a stream, giving the same cuts as FastCDC over the whole file.
 
     FastCDC decides a cut from at most ``cdc_max`` bytes after the chunk start, so a

@@ -22,11 +22,12 @@ from typing import Any, Callable, Sequence
 
 from . import errors
 from .backend import Backend, open_backend
-from .backends.s3 import S3Settings
+from .backends.s3 import S3Backend, S3Settings, is_bucket_url
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
-from .repository import Repository
+from .repository import Repository, SnapshotInfo
 from .restore import apply_restore, check_databases, plan_restore
+from .restore_bucket import apply_bucket_restore, plan_bucket_restore
 from .snapshot import Progress, SnapshotOptions, create_snapshot
 from .stats import repository_stats
 from .timespec import parse_time
@@ -138,8 +139,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     repo = _open(args)
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
+    blob_store = None
+    if args.blobs:
+        if not is_bucket_url(args.blobs):
+            raise errors.UsageError(f"--blobs takes a bucket URL (s3://bucket[/prefix] or gs://…), not {args.blobs!r}")
+        blob_store = S3Backend(args.blobs, S3Settings.from_environ(os.environ, "CLUBSNAP_BLOBS_S3_"))
     options = SnapshotOptions(source=Path(args.data_dir), host=args.host or socket.gethostname(),
-                              now=_now, tags=args.tag or [], verify=args.verify,
+                              now=_now, tags=args.tag or [], verify=args.verify, blob_store=blob_store,
                               include_logs=args.include_logs, progress=reporter.snapshot)
     result = create_snapshot(repo, options)
     reporter.done()
@@ -195,6 +201,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         snap = repo.snapshot_at(parse_time(args.at, _now()))
     else:
         snap = repo.find_snapshot(args.snapshot)
+    if is_bucket_url(args.target):
+        return _restore_into_bucket(args, repo, snap)
     plan = plan_restore(repo, snap, Path(args.target), args.include, args.delete)
     summary = plan.summary()
     if args.dry_run:
@@ -219,6 +227,29 @@ def cmd_restore(args: argparse.Namespace) -> int:
     bad = [p for p, r in db_checks.items() if r != "ok"]
     if bad:
         raise errors.CheckFailed(f"restored {bad[0]} fails its {args.db_check}_check: see the report above")
+    return 0
+
+
+def _restore_into_bucket(args: argparse.Namespace, repo: Repository, snap: SnapshotInfo) -> int:
+    target = S3Backend(args.target, S3Settings.from_environ(os.environ, "CLUBSNAP_BLOBS_S3_"))
+    plan = plan_bucket_restore(repo, snap, target, args.include, args.delete)
+    summary = plan.summary()
+    not_restored = (f"\nnot restored (a bucket holds club's blobs only; restore these with --target DIR "
+                    f"--include {plan.skipped[0]}): {', '.join(plan.skipped)}" if plan.skipped else "")
+    if args.dry_run:
+        _emit(args, {**summary, "write": [key for key, _ in plan.uploads], "delete": plan.deletions},
+              f"plan: restore the blobs of snapshot {snap.id.short()} into {plan.target}\n"
+              f"{summary['objects_to_write']} object(s) to write ({summary['bytes_to_upload']:,} bytes), "
+              f"{plan.unchanged} already there, {len(plan.deletions)} to delete" + not_restored)
+        return 0
+    reporter = _Reporter(sys.stderr.isatty() and not args.json)
+    result = apply_bucket_restore(repo, plan, target, progress=reporter.bytes)
+    reporter.done()
+    _emit(args, {**summary, "objects_written": result.objects_written, "bytes_uploaded": result.bytes_uploaded,
+                 "deleted": result.deleted, "target_requests": target.request_counts()},
+          f"restored the blobs of snapshot {snap.id.short()} ({snap.time.astimezone():%Y-%m-%d %H:%M:%S %Z}) "
+          f"into {plan.target}\nobjects: {result.objects_written} written ({result.bytes_uploaded / 1e6:,.2f} MB), "
+          f"{plan.unchanged} already there, {result.deleted} deleted" + not_restored)
     return 0
 
 
@@ -355,11 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check every blob club.db names against the snapshot (no data read); exit 18 if any is "
                         "missing or has the wrong size")
     p.add_argument("--host", help="host name recorded in the snapshot (default: this machine's)")
+    p.add_argument("--blobs", metavar="URL",
+                   help="club's blob store is this bucket (s3://bucket[/prefix], gs://…), not DATA_DIR/blobs")
     add("snapshots", cmd_snapshots, "list snapshots")
     p = add("restore", cmd_restore, "restore a snapshot (by id, 'latest', or --at TIME)")
     p.add_argument("snapshot", nargs="?")
     p.add_argument("--at", help="newest snapshot at or before TIME (ISO 8601, or '2h ago')")
-    p.add_argument("--target", required=True, help="directory to restore into")
+    p.add_argument("--target", required=True,
+                   help="directory to restore into, or a bucket (s3://bucket[/prefix]) for the blobs tier")
     p.add_argument("--include", action="append", help="restore only this path (repeatable)")
     p.add_argument("--delete", action="store_true", help="remove files of the restored tiers that the snapshot lacks")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")

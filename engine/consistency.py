@@ -14,9 +14,8 @@ worst an orphan: a blob no captured row names.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .clubcheck import Expected
 from .format import ChunkId, display
@@ -45,10 +44,11 @@ class Cut:
         return record
 
 
-def consistent_cut(repo: Repository, root: bytes, expected: list[Expected] | None,
+def consistent_cut(repo: Repository, still_present: Callable[[bytes], bool], expected: list[Expected] | None,
                    entries: dict[bytes, Entry], parent: SnapshotInfo | None, verify: bool) -> Cut:
     """Carry forward what the captured database names but the scan no longer found;
-    with ``verify``, also hold every named blob's size to the row (no data is read)."""
+    with ``verify``, also hold every named blob's size to the row (no data is read).
+    ``still_present(path)`` says whether a file (or bucket object) exists now."""
     cut = Cut()
     if expected is None:
         return cut
@@ -61,7 +61,7 @@ def consistent_cut(repo: Repository, root: bytes, expected: list[Expected] | Non
         # removes files in no set order). A republish never removes the tarball: it
         # replaces it by a rename.
         tarball = _tarball(item.key)
-        version_gone = tarball not in entries or not os.path.exists(os.path.join(root, tarball))
+        version_gone = tarball not in entries or not still_present(tarball)
         found = lookup(repo, parent.tree, rel, loaded) if parent and version_gone else None
         if (found is None or found[-1]["type"] != "file"
                 or (item.size is not None and found[-1]["size"] != item.size)):

@@ -256,6 +256,8 @@ class Repository:
 
     def _put_pack(self, pack_id: PackId, data: bytes | bytearray, entries: list[BlobEntry]) -> None:
         self.backend.put(pack_key(pack_id), data)
+        if entries and entries[0].type == BlobType.TREE:  # a pack holds one blob type
+            self.catalog.cache_trees((bytes(e.id), bytes(data[e.offset:e.offset + e.length])) for e in entries)
         with self._lock:
             self.stats.packs_written += 1
             self.stats.pack_bytes_written += len(data)
@@ -326,12 +328,40 @@ class Repository:
 
     def read_blob(self, blob_id: ChunkId) -> bytes:
         entry = self.locate(blob_id)
+        if entry.type == BlobType.TREE:
+            stored = self.catalog.cached_tree(blob_id)
+            if stored is not None:
+                try:
+                    return decode_blob(stored, blob_id, "the local tree cache")
+                except IntegrityError:
+                    pass  # a damaged cache entry: the pack has the real one
+
         key = pack_key(entry.pack)
+        if entry.type == BlobType.TREE:
+            return self._read_tree_pack(entry)
         try:
             stored = self.backend.get(key, entry.offset, entry.length)
         except ObjectNotFound as exc:
             raise IntegrityError(f"{key}: pack missing (needed for chunk {blob_id.short()})") from exc
         return decode_blob(stored, blob_id, key)
+
+    def _read_tree_pack(self, wanted: BlobEntry) -> bytes:
+        """Fetch every tree blob of ``wanted``'s pack in one ranged GET and cache them all:
+        a walk through a snapshot needs its neighbours next (a pack holds one snapshot's
+        trees, written together), and a tree pack holds nothing else."""
+        key = pack_key(wanted.pack)
+        blobs = self.catalog.blobs_in_pack(wanted.pack) or [wanted]
+        start, end = min(b.offset for b in blobs), max(b.offset + b.length for b in blobs)
+        try:
+            data = self.backend.get(key, start, end - start)
+        except ObjectNotFound as exc:
+            raise IntegrityError(f"{key}: pack missing (needed for tree {wanted.id.short()})") from exc
+        view = memoryview(data)
+        raw = decode_blob(view[wanted.offset - start:wanted.offset - start + wanted.length], wanted.id, key)
+        # Cached as stored and checked again on every read, like a GET from the pack.
+        self.catalog.cache_trees((bytes(b.id), bytes(view[b.offset - start:b.offset - start + b.length]))
+                                 for b in blobs if b.type == BlobType.TREE)
+        return raw
 
     # ---- snapshots ----------------------------------------------------------------------------
 

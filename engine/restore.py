@@ -128,6 +128,18 @@ def plan_restore(repo: Repository, snapshot: SnapshotInfo, target: Path,
     return plan
 
 
+def select_files(repo: Repository, snapshot: SnapshotInfo, includes: list[str] | None = None) -> list[FilePlan]:
+    """The snapshot's files within ``includes`` (all when none), for restores elsewhere
+    than a directory."""
+    plan = RestorePlan(snapshot, Path("."))
+    wanted = [_normalise(i) for i in includes or []]
+    _select(repo, snapshot.tree, b"", wanted, plan)
+    for include in wanted:
+        if not any(_within(rel, include) for rel in _all_paths(plan)):
+            raise UsageError(f"--include {display(include)} matches nothing in snapshot {snapshot.id.short()}")
+    return plan.files
+
+
 def _normalise(include: str) -> bytes:
     path = include.strip().strip("/")
     while path.startswith("./"):

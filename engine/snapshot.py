@@ -29,6 +29,9 @@ from .consistency import CLUB_DB, Cut, consistent_cut
 from .errors import EngineError, SourceError
 from .format import ID_SIZE, BlobType, ChunkId, digest, display
 from .repository import Repository, SnapshotInfo, WriteStats
+from .backends.s3 import ObjectInfo, S3Backend
+from .errors import ObjectNotFound
+from .sources import bucket
 from .sources import sqlite as sqlite_source
 from .sources.files import Item, Scan, scan_tier, tiers_for
 from .pagemap import changed_pages, load_page_ids, store_page_map
@@ -60,6 +63,7 @@ class SnapshotOptions:
     workers: int = 3
     progress: Callable[[Progress], None] | None = None
     verify: bool = False  # check the blobs the database names against the snapshot (no reads)
+    blob_store: S3Backend | None = None  # club's blobs live in this bucket, not in blobs/
 
 
 @dataclass
@@ -94,7 +98,7 @@ def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResul
 
 
 def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
-    root = _check_source(options.source)
+    root = _check_source(options.source, bucket=options.blob_store is not None)
     written_before = replace(repo.stats)
     requests_before = repo.backend.snapshot()
     repo.sync_index()
@@ -111,27 +115,42 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
         start = options.now()
         captures = builder.pin_databases(scan, parent, pins)
         entries = builder.read_databases(captures)  # each read transaction ends once read
+    store = options.blob_store
     for tier in tiers_for(options.include_logs):
-        if tier != "db":
+        if tier != "db" and not (tier == "blobs" and store):
             scan_tier(root, tier, scan)
-    builder.files_total = len(scan.files) + len(scan.databases)
+    listing = bucket.list_blob_store(store) if store else bucket.BucketListing()
+    scan.errors += listing.errors
+    builder.files_total = len(scan.files) + len(scan.databases) + len(listing.objects)
     entries.update(builder.read_files(scan))
-    cut = consistent_cut(repo, root, builder.expected, entries, parent, verify=options.verify)
+    if store:
+        entries.update(builder.read_bucket(store, listing))
+
+    def still_present(rel: bytes) -> bool:
+        if store:
+            return bucket.still_present(store, rel)
+        return os.path.exists(os.path.join(root, rel))
+
+    cut = consistent_cut(repo, still_present, builder.expected, entries, parent, verify=options.verify)
     entries.update(cut.carried)
-    tree = _build_trees(repo, scan.items, entries, cut.dirs)
+    tree = _build_trees(repo, scan.items, entries, cut.dirs | listing.dirs)
     repo.flush()  # every pack and index durable, and counted, before the record is written
     written = repo.stats.since(written_before)
     record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut,
                               _requests_since(repo, requests_before))
     info = repo.save_snapshot(record, start)
     repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
+    if store:
+        builder.bucket_cache.save(repo)
     return SnapshotResult(info, record["stats"], scan.errors + builder.errors, builder.warnings)
 
 
-def _check_source(source: Path) -> bytes:
+def _check_source(source: Path, bucket: bool) -> bytes:
     root = os.fsencode(source.absolute())
     if not os.path.isdir(root):
         raise SourceError(f"data directory {source} does not exist or is not a directory")
+    if bucket and not os.path.isdir(os.path.join(root, b"db")):
+        raise SourceError(f"{source} has no db/ directory (with --blobs, the data dir holds the database)")
     if not any(os.path.isdir(os.path.join(root, t.encode())) for t in ("db", "blobs")):
         raise SourceError(f"{source} does not look like a club data directory (no db/ or blobs/)")
     return root
@@ -154,6 +173,7 @@ class _SnapshotBuilder:
         self.expected: list[Expected] | None = None  # blobs the captured club.db names
         self.cache_updates: dict[bytes, CachedFile] = {}
         self.seen: set[bytes] = set()
+        self.bucket_cache = _BucketCache("", {})
         self._bytes_done = 0
         self._files_done = 0
         self._count_lock = threading.Lock()
@@ -313,6 +333,42 @@ class _SnapshotBuilder:
         self._count(item.rel, size, read=size, changed=item.rel in self.cache)
         return _file_entry(fresh, size, chunks, CDC)
 
+    def read_bucket(self, store: S3Backend, listing: bucket.BucketListing) -> dict[bytes, Entry]:
+        """The bucket's objects as file entries: unchanged ones (same size and ETag as the
+        files cache remembers, chunks still stored) without a request, the rest streamed."""
+        self.bucket_cache = _BucketCache(store.url, self.repo.catalog.load_files(store.url))
+        objects = listing.objects
+        self.stats.bytes_total += sum(info.size for info in objects.values())
+        hits = self.bucket_cache.hits(self.repo, objects)
+        entries: dict[bytes, Entry] = {}
+        with ThreadPoolExecutor(max_workers=max(self.options.workers, store.concurrency)) as pool:
+            futures: list[tuple[bytes, Future[Entry]]] = []
+            for rel, info in objects.items():
+                hit = hits.get(rel)
+                if hit is None:
+                    futures.append((rel, pool.submit(self._read_object, store, rel, info)))
+                    continue
+                entries[rel] = bucket.object_entry(rel, info.size, info.mtime_ns, info.etag,
+                                                   [bytes(c) for c in hit.chunks], CDC)
+                self._count(rel, info.size, read=0, unchanged=True)
+            for rel, future in futures:
+                try:
+                    entries[rel] = future.result()
+                except ObjectNotFound:
+                    self.vanished.append(rel)  # deleted after the listing, as for files
+                except EngineError as exc:
+                    self.errors.append(f"{display(rel)}: unreadable ({exc})")
+        return entries
+
+    def _read_object(self, store: S3Backend, rel: bytes, info: ObjectInfo) -> Entry:
+        with store.open_object(display(rel)[len(bucket.TIER) + 1:]) as reader:
+            chunks = [self.repo.add_blob(BlobType.DATA, c) for c in chunk_stream(reader, CDC, self.repo.config.chunker)]
+            size, etag = reader.size or 0, reader.etag or ""
+        if etag == info.etag:  # the object read is the one listed: remember it
+            self.bucket_cache.remember(rel, CachedFile(size, info.mtime_ns, 0, 0, chunks, etag))
+        self._count(rel, size, read=size, changed=rel in self.bucket_cache.cached)
+        return bucket.object_entry(rel, size, info.mtime_ns, etag, [bytes(c) for c in chunks], CDC)
+
     def _remember(self, item: Item, size: int, chunks: list[ChunkId]) -> None:
         st = item.st
         self.seen.add(item.rel)
@@ -398,6 +454,34 @@ class _TreeBatch:
         return self.repo.read_blob(blob_id)
 
 
+class _BucketCache:
+    """The files cache of a bucket source, keyed by the bucket's URL: an object is
+    unchanged when its size and ETag are (object times say nothing a new ETag does not)."""
+
+    def __init__(self, source: str, cached: dict[bytes, CachedFile]) -> None:
+        self.source, self.cached = source, cached
+        self.updates: dict[bytes, CachedFile] = {}
+        self.seen: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def hits(self, repo: Repository, objects: dict[bytes, ObjectInfo]) -> dict[bytes, CachedFile]:
+        candidates = {rel: cached for rel, info in objects.items()
+                      if (cached := self.cached.get(rel)) is not None
+                      and (cached.size, cached.etag) == (info.size, info.etag)}
+        stored = repo.which_exist([c for cached in candidates.values() for c in cached.chunks])
+        hits = {rel: cached for rel, cached in candidates.items() if all(c in stored for c in cached.chunks)}
+        self.seen.update(hits)
+        return hits
+
+    def remember(self, rel: bytes, cached: CachedFile) -> None:
+        with self._lock:
+            self.seen.add(rel)
+            self.updates[rel] = cached
+
+    def save(self, repo: Repository) -> None:
+        repo.catalog.update_files(self.source, self.updates, set(self.cached) - self.seen)
+
+
 @dataclass
 class _Capture:
     """A database pinned at the snapshot's consistency point, waiting to be read."""
@@ -418,6 +502,7 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
         "host": options.host,
         "source": source,
         "tags": sorted(set(options.tags)),
+        **({"blobs_source": options.blob_store.url} if options.blob_store else {}),
         "parent": bytes(parent.id) if parent else None,
         "tree": bytes(tree),
         "tiers": stats.tiers,

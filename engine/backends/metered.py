@@ -9,7 +9,7 @@ from typing import Iterator
 
 from ..backend import Backend
 
-CALLS = ("put", "get", "head", "list", "delete")  # a stat is a HEAD on object stores
+CALLS = ("put", "get", "head", "list", "delete", "retries")  # a stat is a HEAD on object stores
 
 
 class MeteredBackend(Backend):
@@ -31,9 +31,8 @@ class MeteredBackend(Backend):
         of a backend that counts them (retries and list pages included), else the calls."""
         counted = self.inner.request_counts()
         with self._lock:
-            requests = counted if counted is not None else dict(self.requests)
-            return {**{f"{op}_requests": n for op, n in sorted(requests.items())},
-                    "bytes_read": self.bytes_read, "bytes_written": self.bytes_written}
+            requests = counted if counted is not None else {op: self.requests[op] for op in CALLS}
+            return {**requests, "bytes_read": self.bytes_read, "bytes_written": self.bytes_written}
 
     @property
     def concurrency(self) -> int:

@@ -68,18 +68,20 @@ class S3Settings:
     attempts: int = 8                 # per request, for throttling, 5xx, resets, timeouts
     addressing: str = "auto"          # "path" for MinIO without virtual-host DNS
 
-    ENV = {"endpoint": "CLUBSNAP_S3_ENDPOINT", "region": "CLUBSNAP_S3_REGION",
-           "access_key_id": "CLUBSNAP_S3_ACCESS_KEY_ID", "secret_access_key": "CLUBSNAP_S3_SECRET_ACCESS_KEY",
-           "profile": "CLUBSNAP_S3_PROFILE", "storage_class": "CLUBSNAP_S3_STORAGE_CLASS",
-           "connections": "CLUBSNAP_S3_CONNECTIONS", "timeout_s": "CLUBSNAP_S3_TIMEOUT",
-           "connect_timeout_s": "CLUBSNAP_S3_CONNECT_TIMEOUT", "attempts": "CLUBSNAP_S3_ATTEMPTS",
-           "addressing": "CLUBSNAP_S3_ADDRESSING"}
+    ENV = {"endpoint": "ENDPOINT", "region": "REGION", "access_key_id": "ACCESS_KEY_ID",
+           "secret_access_key": "SECRET_ACCESS_KEY", "profile": "PROFILE", "storage_class": "STORAGE_CLASS",
+           "connections": "CONNECTIONS", "timeout_s": "TIMEOUT", "connect_timeout_s": "CONNECT_TIMEOUT",
+           "attempts": "ATTEMPTS", "addressing": "ADDRESSING"}
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str]) -> "S3Settings":
+    def from_environ(cls, environ: Mapping[str, str], *prefixes: str) -> "S3Settings":
+        """Settings from ``CLUBSNAP_S3_<NAME>`` variables; with ``prefixes``, the first of
+        ``<prefix><NAME>`` that is set wins (a bucket source may live on another service
+        than the repository: ``CLUBSNAP_BLOBS_S3_ENDPOINT``...)."""
         values: dict[str, Any] = {}
-        for name, variable in cls.ENV.items():
-            text = environ.get(variable)
+        for name, suffix in cls.ENV.items():
+            variable, text = next(((p + suffix, environ[p + suffix]) for p in (*prefixes, "CLUBSNAP_S3_")
+                                   if environ.get(p + suffix)), ("", ""))
             if not text:
                 continue
             kind = type(getattr(cls(), name))
@@ -142,6 +144,11 @@ class S3Backend(Backend):
         endpoint = self._client.meta.endpoint_url
         shown = "" if endpoint.endswith(".amazonaws.com") else f" at {endpoint}"
         return self._url + shown
+
+    @property
+    def url(self) -> str:
+        """``s3://bucket/prefix`` (or ``gs://``): the location without the endpoint."""
+        return self._url
 
     @property
     def concurrency(self) -> int:
@@ -423,7 +430,7 @@ class ObjectReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def read(self, size: int | None = -1) -> bytes:
+    def read(self, size: int | None = -1, /) -> bytes:
         remaining = (self.size or 0) - self._position
         want = remaining if size is None or size < 0 else min(size, remaining)
         pieces = []
