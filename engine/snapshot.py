@@ -136,8 +136,9 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     tree = _build_trees(repo, scan.items, entries, cut.dirs | listing.dirs)
     repo.flush()  # every pack and index durable, and counted, before the record is written
     written = repo.stats.since(written_before)
+    requests = _requests_since(repo, requests_before)
     record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut,
-                              _requests_since(repo, requests_before))
+                              {"requests": requests, **({"blobs_requests": store.request_counts()} if store else {})})
     info = repo.save_snapshot(record, start)
     repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
     if store:
@@ -495,7 +496,7 @@ class _Capture:
 
 def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tree: ChunkId,
                      builder: _SnapshotBuilder, scan: Scan, parent: SnapshotInfo | None,
-                     written: WriteStats, cut: Cut, requests: dict[str, int]) -> dict[str, Any]:
+                     written: WriteStats, cut: Cut, requests: dict[str, dict[str, int]]) -> dict[str, Any]:
     stats = builder.stats
     return {
         "time": start.isoformat(),
@@ -517,7 +518,7 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
                   "bytes_added": written.pack_bytes_written, "packs_written": written.packs_written,
                   "index_objects_written": written.index_objects_written,
                   "files_vanished": len(builder.vanished),
-                  "requests": requests,
+                  **requests,
                   "duration_s": round((options.now() - start).total_seconds(), 3)},
         "program": "clubsnap 0.1.0",
     }
