@@ -395,7 +395,12 @@ class Repository:
     def snapshots(self) -> list[SnapshotInfo]:
         """All snapshots, oldest first: one LIST, and a GET only for records not cached."""
         keys = self.snapshot_keys()
-        self.catalog.remove_snapshots(self.catalog.snapshot_keys() - {key for _, _, key in keys})
+        cached = self.catalog.snapshot_keys()
+        self.catalog.remove_snapshots(cached - {key for _, _, key in keys})
+        missing = [key for _, _, key in keys if key not in cached]
+        if len(missing) > 1 and self.backend.concurrency > 1:  # a cold cache: fetch in parallel
+            with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="records") as pool:
+                list(pool.map(self.load_snapshot, missing))
         return [self.load_snapshot(key) for _, _, key in keys]
 
     def find_snapshot(self, ref: str) -> SnapshotInfo:

@@ -15,7 +15,7 @@ import pytest
 
 from engine import Repository, open_backend
 
-from .s3support import MotoServer
+from benchmarks.s3support import MotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

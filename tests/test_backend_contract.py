@@ -117,3 +117,18 @@ def test_empty_object_and_empty_range(backend: Backend) -> None:
     assert backend.stat("index/empty") == 0
     backend.put("index/five", b"12345")
     assert backend.get("index/five", 5, 0) == b""
+
+
+def test_gcs_uploads_ask_for_create_only_the_gcs_way() -> None:
+    """GCS ignores If-None-Match on uploads; a gs:// client turns it into GCS's own
+    create-if-absent header before signing, and leaves other uploads alone."""
+    from botocore.awsrequest import AWSRequest
+
+    from engine.backends.s3 import gcs_create_only
+
+    exclusive = AWSRequest(method="PUT", url="https://storage.googleapis.com/b/config", headers={"If-None-Match": "*"})
+    gcs_create_only(exclusive)
+    assert exclusive.headers.get("x-goog-if-generation-match") == "0" and "If-None-Match" not in exclusive.headers
+    plain = AWSRequest(method="PUT", url="https://storage.googleapis.com/b/data/x")
+    gcs_create_only(plain)
+    assert "x-goog-if-generation-match" not in plain.headers

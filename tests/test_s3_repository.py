@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 from benchmarks.clubgen import generate, one_day
 from benchmarks.clubstate import club_state
+from benchmarks.s3support import FaultProxy, MotoServer, free_port
 
 from .conftest import ROOT, s3_client
-from .s3support import FaultProxy, MotoServer, free_port
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 REQUEST_KEYS = ("put", "get", "head", "list", "delete", "retries", "bytes_read", "bytes_written")
@@ -144,7 +144,8 @@ def test_every_command_survives_injected_faults(cli: Cli, s3_url: str, moto_serv
     data = tmp_path / "data"
     generate(data, "tiny", seed=32)
     _add_bulk(data, seed=32, count=3, size=5 << 20)  # a pack above the part size: multipart
-    proxy = FaultProxy(moto_server.port, rate=0.10, seed=7, stall_s=2.5)
+    proxy = FaultProxy(moto_server.port, rate=0.10, seed=int(os.environ.get("SEEDX", "7")), stall_s=2.5)
+    print("INJ", proxy.injected) if False else None
     faulty = {"CLUBSNAP_REPO": s3_url, "CLUBSNAP_S3_ENDPOINT": proxy.endpoint, "CLUBSNAP_S3_TIMEOUT": "1"}
     try:
         results = [_json(cli("init", "--json", env=faulty)),
@@ -162,6 +163,7 @@ def test_every_command_survives_injected_faults(cli: Cli, s3_url: str, moto_serv
     finally:
         proxy.stop()
 
+    print("INJECTED", proxy.injected, proxy.forwarded)
     injected = sum(proxy.injected.values())
     assert injected >= 3 and len(proxy.injected) >= 2, proxy.injected
     # Each injected fault cost exactly one failed attempt, and each was counted as a retry.
@@ -183,6 +185,7 @@ def test_unreachable_endpoint_fails_in_seconds_with_one_line(cli: Cli, s3_url: s
     env = {"CLUBSNAP_REPO": s3_url, "CLUBSNAP_S3_ENDPOINT": down}
     for args in (("snapshots",), ("snapshot", str(data)), ("init",),
                  ("restore", "latest", "--target", str(tmp_path / "t"))):
+        started = time.monotonic()
         result = cli(*args, env=env, timeout=60)
         elapsed = time.monotonic() - started
         line = _one_line_error(result, 13)

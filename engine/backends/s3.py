@@ -131,7 +131,7 @@ class S3Backend(Backend):
         self.settings = settings
         self._url = f"{scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self._root = f"{self.prefix}/" if self.prefix else ""
-        self._client = client or _make_client(settings)
+        self._client = client or _make_client(settings, gcs=scheme == "gs")
         self._counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
         self._parts_pool: ThreadPoolExecutor | None = None
@@ -463,7 +463,16 @@ class ObjectReader(io.RawIOBase):
         super().close()
 
 
-def _make_client(settings: S3Settings) -> Any:
+def gcs_create_only(request: Any, **_: Any) -> None:
+    """GCS's XML API honours ``If-None-Match`` on reads only; on an upload the
+    create-if-absent condition is ``x-goog-if-generation-match: 0`` (GCS docs, "Request
+    preconditions"). Registered on gs:// clients, before the request is signed."""
+    if request.headers.get("If-None-Match") == "*":
+        del request.headers["If-None-Match"]
+        request.headers["x-goog-if-generation-match"] = "0"
+
+
+def _make_client(settings: S3Settings, gcs: bool) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -477,9 +486,12 @@ def _make_client(settings: S3Settings) -> Any:
         # service (GCS interop among them); Content-MD5 is, and we send it ourselves.
         request_checksum_calculation="when_required", response_checksum_validation="when_required",
     )
-    return session.client("s3", endpoint_url=settings.endpoint, region_name=settings.region,
-                          aws_access_key_id=settings.access_key_id,
-                          aws_secret_access_key=settings.secret_access_key, config=config)
+    client = session.client("s3", endpoint_url=settings.endpoint, region_name=settings.region,
+                            aws_access_key_id=settings.access_key_id,
+                            aws_secret_access_key=settings.secret_access_key, config=config)
+    if gcs:
+        client.meta.events.register("before-sign.s3.PutObject", gcs_create_only)
+    return client
 
 
 def _classify(exc: BaseException) -> str:
