@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-s3 clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(VENV)/.installed
 # Pass options with BENCH_ARGS, e.g. make bench BENCH_ARGS="--sizes small --seeds 1".
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# S3 request counts, faults and throughput against a local moto server (small data set,
+# 500 snapshots); rewrites docs/benchmarks-s3.md and benchmarks/results/s3.json.
+bench-s3: $(VENV)/.installed
+	$(PY) -m benchmarks.s3 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-work bench-work

@@ -46,6 +46,7 @@ class Kind(IntEnum):
     INDEX = 2
     SNAPSHOT = 3
     PACK_TRAILER = 4
+    SNAPSHOT_SUMMARY = 5
 
 
 class Flag(IntFlag):
@@ -206,6 +207,7 @@ CONFIG_KEY = "config"
 DATA_PREFIX = "data/"
 INDEX_PREFIX = "index/"
 SNAPSHOT_PREFIX = "snapshots/"
+SUMMARY_PREFIX = "summaries/"
 SNAPSHOT_STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 
@@ -221,6 +223,13 @@ def snapshot_key(time: datetime, snap: SnapshotId) -> str:
     """Snapshot keys start with their UTC time, so a LIST alone orders them by time."""
     stamp = time.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)
     return f"{SNAPSHOT_PREFIX}{stamp}_{snap.hex()}"
+
+
+def summary_key(newest: datetime, summary: bytes) -> str:
+    """Summary keys start with the time of the newest snapshot they hold: the greatest
+    key is the most complete summary."""
+    stamp = newest.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)
+    return f"{SUMMARY_PREFIX}{stamp}_{summary.hex()}"
 
 
 def parse_snapshot_key(key: str) -> tuple[datetime, SnapshotId]:

@@ -20,17 +20,22 @@ from .backend import Backend
 from .backends.metered import MeteredBackend
 from .catalog import Catalog
 from .chunker import ChunkerParams
-from .errors import IntegrityError, ObjectNotFound, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
+from .errors import BackendError, IntegrityError, ObjectNotFound, StorageFull, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
 from .format import (
-    CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, BlobType, ChunkId,
-    Kind, PackId, SnapshotId, chunk_id, decode_blob, digest, encode_blob, index_key,
-    open_object, pack_key, parse_snapshot_key, seal_object, snapshot_key,
+    CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
+    ChunkId, Kind, PackId, SnapshotId, chunk_id, decode_blob, digest, encode_blob, index_key,
+    open_object, pack_key, parse_snapshot_key, seal_object, snapshot_key, summary_key,
 )
 from .packs import TARGET_PACK_SIZE, BlobEntry, PackBuilder, read_trailer
 
 # Write an index object after this many packs, so a killed run loses little: the next
 # run finds those chunks indexed and does not upload them again.
 PACKS_PER_INDEX = 4
+# A snapshot whose number (in the listing) is a multiple of this writes a summary of every
+# snapshot record, so that a host with an empty catalog lists them with a few GETs
+# instead of one per snapshot. A summary is below 50 new snapshots out of date at most.
+SUMMARY_EVERY = 50
+SUMMARY_WORTH_READING = 4  # records missing from the catalog before a summary is read
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -104,6 +109,8 @@ class Repository:
         self._upload_slots = threading.BoundedSemaphore(self.backend.concurrency)
         self._upload_pool: ThreadPoolExecutor | None = None
         self._pending_uploads: list[Future[None]] = []
+        self.summary_every = SUMMARY_EVERY
+        self._listed_snapshots: int | None = None  # how many the last LIST of snapshots/ found
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -373,11 +380,18 @@ class Repository:
         key = snapshot_key(time, snap_id)
         self.backend.put(key, data)
         self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record)
+        if self._listed_snapshots is not None and (self._listed_snapshots + 1) % self.summary_every == 0:
+            try:
+                self.write_summary()
+            except (BackendError, StorageFull):
+                pass  # the snapshot is saved; the next summary will cover it
+
         return SnapshotInfo(snap_id, key, time, record)
 
     def snapshot_keys(self) -> list[tuple[datetime, SnapshotId, str]]:
         """Every snapshot's time, id and key, oldest first, from one LIST: no record read."""
         keys = [(*parse_snapshot_key(key), key) for key, _ in self.backend.list(SNAPSHOT_PREFIX)]
+        self._listed_snapshots = len(keys)
         return sorted(keys, key=lambda k: (k[0], k[2]))
 
     def load_snapshot(self, key: str) -> SnapshotInfo:
@@ -393,15 +407,59 @@ class Repository:
         return SnapshotInfo(snap_id, key, time, record)
 
     def snapshots(self) -> list[SnapshotInfo]:
-        """All snapshots, oldest first: one LIST, and a GET only for records not cached."""
+        """All snapshots, oldest first: one LIST, and for records not cached, the newest
+        summary, then a GET for each record it lacks (in parallel)."""
         keys = self.snapshot_keys()
         cached = self.catalog.snapshot_keys()
         self.catalog.remove_snapshots(cached - {key for _, _, key in keys})
-        missing = [key for _, _, key in keys if key not in cached]
-        if len(missing) > 1 and self.backend.concurrency > 1:  # a cold cache: fetch in parallel
+        missing = {key for _, _, key in keys if key not in cached}
+        if len(missing) >= SUMMARY_WORTH_READING:
+            missing -= self._load_from_summary(missing)
+        if len(missing) > 1 and self.backend.concurrency > 1:
             with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="records") as pool:
-                list(pool.map(self.load_snapshot, missing))
+                list(pool.map(self.load_snapshot, sorted(missing)))
         return [self.load_snapshot(key) for _, _, key in keys]
+
+    def write_summary(self) -> None:
+        """Write one object holding every snapshot record (as stored), then delete older
+        summaries. Only an optimisation: a reader checks each record against its id and
+        falls back to the record objects, so a stale, missing or damaged summary costs GETs,
+        never correctness."""
+        snaps = self.snapshots()
+        if not snaps:
+            return
+        entries = []
+        for snap in snaps:
+            sealed = seal_object(Kind.SNAPSHOT, snap.record)
+            if SnapshotId(digest(sealed)) != snap.id:  # written by another version: take its bytes
+                sealed = self.backend.get(snap.key)
+            entries.append([snap.key, sealed])
+        data = seal_object(Kind.SNAPSHOT_SUMMARY, {"snapshots": entries})
+        key = summary_key(snaps[-1].time, digest(data))
+        older = [k for k, _ in self.backend.list(SUMMARY_PREFIX) if k < key]
+        self.backend.put(key, data)
+        for stale in older:
+            self.backend.delete(stale)
+
+    def _load_from_summary(self, wanted: set[str]) -> set[str]:
+        """Catalog the wanted records the newest summary holds; returns their keys."""
+        summaries = sorted(k for k, _ in self.backend.list(SUMMARY_PREFIX))
+        if not summaries:
+            return set()
+        try:
+            record = open_object(Kind.SNAPSHOT_SUMMARY, self.backend.get(summaries[-1]), summaries[-1])
+        except (ObjectNotFound, IntegrityError, UnsupportedFormat):
+            return set()  # deleted by a newer summary meanwhile, or damaged: read the records
+        found = set()
+        for key, sealed in record.get("snapshots", []):
+            if key not in wanted:
+                continue
+            time, snap_id = parse_snapshot_key(key)
+            if SnapshotId(digest(sealed)) != snap_id:
+                continue
+            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), open_object(Kind.SNAPSHOT, sealed, key))
+            found.add(key)
+        return found
 
     def find_snapshot(self, ref: str) -> SnapshotInfo:
         """A snapshot by full or unique-prefix hex id, or ``latest``; reads one record."""

@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks.clubgen import generate
 from benchmarks.clubstate import club_state
+from benchmarks.s3support import FaultProxy, MotoServer
 
 from .conftest import ROOT, s3_client
 
@@ -174,3 +175,22 @@ def test_bucket_source_errors_are_one_line(cli: Cli, tmp_path: Path, club_in_buc
         assert result.returncode == code, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and "Traceback" not in result.stderr
+
+
+def test_bucket_source_survives_failing_requests(cli: Cli, tmp_path: Path, moto_server: MotoServer,
+                                                 club_in_bucket: tuple[Path, str, str]) -> None:
+    """The blob bucket behind a proxy failing 15% of requests (bodies cut mid-object
+    among them): the snapshot completes and restores every object byte for byte."""
+    data, bucket, store = club_in_bucket
+    repo = tmp_path / "repo"
+    _ok(cli("init", repo=repo))
+    proxy = FaultProxy(moto_server.port, rate=0.15, seed=3, stall_s=2.0)
+    try:
+        env = {"CLUBSNAP_BLOBS_S3_ENDPOINT": proxy.endpoint, "CLUBSNAP_BLOBS_S3_TIMEOUT": "1"}
+        snap = json.loads(_ok(cli("snapshot", str(data), "--blobs", store, "--json", repo=repo, env=env)).stdout)
+    finally:
+        proxy.stop()
+    assert sum(proxy.injected.values()) >= 5, proxy.injected
+    assert snap["stats"]["blobs_requests"]["retries"] >= 1 and not snap["partial"]
+    _ok(cli("restore", "latest", "--target", str(tmp_path / "out"), "--include", "blobs", repo=repo))
+    assert _local_files(tmp_path / "out" / "blobs") == _bucket_objects(bucket, "store")

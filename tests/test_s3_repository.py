@@ -144,8 +144,7 @@ def test_every_command_survives_injected_faults(cli: Cli, s3_url: str, moto_serv
     data = tmp_path / "data"
     generate(data, "tiny", seed=32)
     _add_bulk(data, seed=32, count=3, size=5 << 20)  # a pack above the part size: multipart
-    proxy = FaultProxy(moto_server.port, rate=0.10, seed=int(os.environ.get("SEEDX", "7")), stall_s=2.5)
-    print("INJ", proxy.injected) if False else None
+    proxy = FaultProxy(moto_server.port, rate=0.10, seed=5, stall_s=2.5)
     faulty = {"CLUBSNAP_REPO": s3_url, "CLUBSNAP_S3_ENDPOINT": proxy.endpoint, "CLUBSNAP_S3_TIMEOUT": "1"}
     try:
         results = [_json(cli("init", "--json", env=faulty)),
@@ -163,12 +162,15 @@ def test_every_command_survives_injected_faults(cli: Cli, s3_url: str, moto_serv
     finally:
         proxy.stop()
 
-    print("INJECTED", proxy.injected, proxy.forwarded)
+    # The proxy's fates are a seeded sequence (which request meets which fate depends on
+    # thread timing); these commands make more than 50 requests, and seed 5's first 50
+    # fates hold 7 faults of all 5 kinds.
     injected = sum(proxy.injected.values())
-    assert injected >= 3 and len(proxy.injected) >= 2, proxy.injected
-    # Each injected fault cost exactly one failed attempt, and each was counted as a retry.
+    assert injected >= 5 and len(proxy.injected) >= 4, proxy.injected
+    # Every fault cost one failed attempt, counted as a retry; a cut_body fault on a
+    # response without a body (a PUT's) is no fault at all.
     retries = sum(_requests(r)["retries"] for r in results)
-    assert retries == injected, (retries, proxy.injected)
+    assert injected - proxy.injected["cut_body"] <= retries <= injected, (retries, proxy.injected)
 
     # Read back directly, with a cold cache: what the faulty runs stored is intact.
     direct = _json(cli("check", "--read-data", "--json", "--cache-dir", str(tmp_path / "cold"),
@@ -233,33 +235,38 @@ def test_failed_snapshot_leaves_the_repository_as_it_was(cli: Cli, s3_url: str, 
     assert proxy.forwarded == 0 and proxy.injected["slowdown"] == 3
     assert _listing(bucket) == before
 
-    # Throttled from some request on, at several points of the run: whatever packs went
-    # up, no snapshot record appears, and the repository stays valid.
-    for passes in (2, 4, 6):
+    # Throttled from the Nth request on, N = 1, 2, ...: the runs fail at every stage (reading
+    # the index, uploading packs, writing the index, writing the snapshot record) until one
+    # gets through. Whatever the failed runs uploaded, no snapshot record appears, nothing
+    # is replaced or deleted, and the repository stays valid.
+    failures = []
+    for passes in range(1, 30):
         proxy = _FailAfter(moto_server.port, passes)
         try:
-            result = cli("snapshot", str(data), env={**repo, "CLUBSNAP_S3_ENDPOINT": proxy.endpoint,
-                                                     "CLUBSNAP_S3_ATTEMPTS": "2"}, timeout=60)
+            result = cli("snapshot", str(data), "--json", env={**repo, "CLUBSNAP_S3_ENDPOINT": proxy.endpoint,
+                                                               "CLUBSNAP_S3_ATTEMPTS": "2"}, timeout=60)
         finally:
             proxy.stop()
+        if result.returncode == 0:
+            break
         line = _one_line_error(result, 13)
         assert "SlowDown" in line, line
+        failures.append(line)
         now = _listing(bucket)
-        assert _under(now, "repo/snapshots/") == _under(before, "repo/snapshots/"), passes
-        assert _under(now, "repo/config") == _under(before, "repo/config")
-        assert all(now[k] == v for k, v in before.items()), passes  # nothing replaced or deleted
-        listed = _json(cli("snapshots", "--json", env=repo))
-        assert [s["id"] for s in listed] == [first["id"]]
-        checked = _json(cli("check", "--json", env=repo))
-        assert checked["ok"], checked
+        assert _under(now, "repo/snapshots/") == _under(before, "repo/snapshots/"), line
+        assert all(now[k] == v for k, v in before.items()), line  # nothing replaced or deleted
+    else:
+        raise AssertionError("no snapshot got through the throttling proxy")
+    assert any("repo/data/" in line for line in failures), failures
+    assert any("repo/snapshots/" in line for line in failures), failures  # only the record failed
+    second = _json(result)
+    assert [s["id"] for s in _json(cli("snapshots", "--json", env=repo))] == [first["id"], second["id"]]
+    checked = _json(cli("check", "--read-data", "--json", env=repo))
+    assert checked["ok"] and checked["errors"] == [] and checked["snapshots"] == 2, checked
 
-    # The next snapshot completes and restores the data as it is now.
-    second = _json(cli("snapshot", str(data), "--json", env=repo))
     state = club_state(data, live=True)
     _ok(cli("restore", "latest", "--target", str(tmp_path / "t"), env=repo))
     assert club_state(tmp_path / "t", live=False) == state
-    assert [s["id"] for s in _json(cli("snapshots", "--json", env=repo))] == [first["id"], second["id"]]
-    assert _json(cli("check", "--read-data", "--json", env=repo))["ok"]
 
 
 # ---- 4. killed in the middle of an upload --------------------------------------------------
