@@ -109,6 +109,7 @@ class Repository:
         self._upload_slots = threading.BoundedSemaphore(self.backend.concurrency)
         self._upload_pool: ThreadPoolExecutor | None = None
         self._pending_uploads: list[Future[None]] = []
+        self._upload_error: BaseException | None = None
         self.summary_every = SUMMARY_EVERY
         self._listed_snapshots: int | None = None  # how many the last LIST of snapshots/ found
 
@@ -262,7 +263,14 @@ class Repository:
         future.add_done_callback(lambda _: self._upload_slots.release())
 
     def _put_pack(self, pack_id: PackId, data: bytes | bytearray, entries: list[BlobEntry]) -> None:
-        self.backend.put(pack_key(pack_id), data)
+        try:
+            self.backend.put(pack_key(pack_id), data)
+        except BaseException as exc:
+            # Sticky: the pack's blobs count as stored for this session (dedup), so no
+            # snapshot may be saved after this, whichever thread met (or swallowed) it.
+            with self._lock:
+                self._upload_error = self._upload_error or exc
+            raise
         if entries and entries[0].type == BlobType.TREE:  # a pack holds one blob type
             self.catalog.cache_trees((bytes(e.id), bytes(data[e.offset:e.offset + e.length])) for e in entries)
         with self._lock:
@@ -277,19 +285,20 @@ class Repository:
             self._write_index(batch)
 
     def _raise_failed_upload(self) -> None:
-        """Fail early, at the next pack, when a background upload has failed."""
+        """Fail early, at the next pack, once any upload has failed."""
         with self._lock:
-            failed = [f for f in self._pending_uploads if f.done() and f.exception() is not None]
             self._pending_uploads = [f for f in self._pending_uploads if not f.done()]
-        if failed:
-            failed[0].result()
+            error = self._upload_error
+        if error is not None:
+            raise error
 
     def _wait_for_uploads(self, raise_errors: bool = True) -> None:
         with self._lock:
             pending, self._pending_uploads = self._pending_uploads, []
-        errors = [f.exception() for f in pending if f.exception() is not None]  # exception() waits
-        if errors and raise_errors:
-            raise errors[0]  # type: ignore[misc]
+        for future in pending:
+            future.exception()  # waits; the error itself is kept in _upload_error
+        if raise_errors:
+            self._raise_failed_upload()
 
     def _write_index(self, batch: list[tuple[PackId, int, list[BlobEntry]]]) -> None:
         record = {"packs": [{"id": bytes(p), "size": size, "blobs": [e.to_row() for e in entries]}
@@ -297,7 +306,12 @@ class Repository:
         data = seal_object(Kind.INDEX, record)
         name = digest(data)
         with self._index_lock:
-            self.backend.put(index_key(name), data)
+            try:
+                self.backend.put(index_key(name), data)
+            except BaseException as exc:
+                with self._lock:  # the batch's blobs are unindexed for good: as for a pack
+                    self._upload_error = self._upload_error or exc
+                raise
             self.catalog.add_index(name.hex(), {p: s for p, s, _ in batch},
                                    [e for _, _, entries in batch for e in entries])
             self.stats.index_objects_written += 1
@@ -490,6 +504,7 @@ class Repository:
         so a retry with this object uploads them instead of trusting they exist."""
         self._wait_for_uploads(raise_errors=False)
         with self._lock:
+            self._upload_error = None
             self._session_ids = set(self._uploaded)
             self._builders = {t: PackBuilder(t) for t in BlobType}
 
