@@ -25,5 +25,8 @@ def repository_stats(repo: Repository) -> dict[str, Any]:
         "latest_snapshot_bytes": logical[-1] if logical else 0,
         "all_snapshots_bytes": total_logical,
         "dedup_ratio": round(total_logical / counts["pack_bytes"], 2) if counts["pack_bytes"] else None,
+        # What the newest snapshot cost in backend requests (its record keeps them), and
+        # what this command cost: request counts are the bill on S3.
+        "latest_snapshot_requests": snapshots[-1].record.get("stats", {}).get("requests") if snapshots else None,
         "requests": repo.backend.snapshot(),
     }
