@@ -2,28 +2,32 @@
 
 Each file under ``blobs/`` becomes the object of the same key under the target's prefix,
 sidecars included. An object already there with the same size and the ETag the snapshot
-recorded (a snapshot taken from that bucket) is left alone. Objects are streamed: chunks
-are fetched in file order, a few MiB at a time, and uploaded in parts, so a large
-tarball never sits whole in memory; several objects upload at once. Each object appears
+recorded (a snapshot taken from that bucket) is left alone. Large objects are streamed:
+chunks are fetched in file order, a few MiB at a time, and uploaded in parts, so a large
+tarball never sits whole in memory. Small objects stored in one pack are fetched together
+(a few ranged GETs for hundreds of screenshots and sidecars). Several objects upload at
+once. Each object appears
 whole or not at all (S3 semantics), so an interrupted restore can simply be run again.
 The database cannot live in a bucket: ``db/`` is restored into a directory separately.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .backends.s3 import S3Backend
 from .errors import IntegrityError, ObjectNotFound, UsageError
-from .format import ChunkId, decode_blob, display, pack_key
-from .packs import BlobEntry
+from .format import ChunkId, PackId, decode_blob, display, pack_key
+from .packs import BlobEntry, coalesce
 from .repository import Repository, SnapshotInfo
 from .restore import FilePlan, select_files
 from .sources.bucket import TIER
 
 RUN_BYTES = 4 << 20  # contiguous stored chunks fetched in one ranged GET, at most
+GROUP_BYTES = 8 << 20  # small objects of one pack restored together, per upload worker
 
 
 @dataclass
@@ -78,21 +82,72 @@ def apply_bucket_restore(repo: Repository, plan: BucketRestorePlan, target: S3Ba
     located = repo.locate_many(c for _, f in plan.uploads for c in f.chunks)
     result = BucketRestoreResult()
     total = sum(f.entry["size"] for _, f in plan.uploads)
+    # Small objects whose chunks share one pack are fetched together, a pack's worth of
+    # ranged GETs for all of them (club's screenshots and sidecars come by the thousand);
+    # the others are streamed one by one.
+    by_pack: dict[PackId, list[tuple[str, FilePlan]]] = defaultdict(list)
+    streamed = []
+    for key, file in plan.uploads:
+        packs = {located[c].pack for c in file.chunks}
+        if len(packs) == 1 and file.entry["size"] <= RUN_BYTES:
+            by_pack[packs.pop()].append((key, file))
+        else:
+            streamed.append((key, file))
+    groups = [(pack, part) for pack, members in by_pack.items() for part in _bounded(members, GROUP_BYTES)]
 
-    def upload(key: str, file: FilePlan) -> int:
+    def upload_group(pack: PackId, group: list[tuple[str, FilePlan]]) -> int:
+        raw = _fetch_pack_blobs(repo, pack, [located[c] for _, f in group for c in f.chunks])
+        for key, file in group:
+            data = b"".join(raw[c] for c in file.chunks)
+            target.put_stream(key, [data], len(data))
+        return sum(int(f.entry["size"]) for _, f in group)
+
+    def upload_streamed(key: str, file: FilePlan) -> int:
         target.put_stream(key, _file_content(repo, file, located), file.entry["size"])
         return int(file.entry["size"])
 
     with ThreadPoolExecutor(target.concurrency, thread_name_prefix="restore-upload") as pool:
-        for size in pool.map(lambda item: upload(*item), plan.uploads):
-            result.objects_written += 1
-            result.bytes_uploaded += size
+        jobs = [pool.submit(upload_group, pack, group) for pack, group in groups]
+        jobs += [pool.submit(upload_streamed, key, file) for key, file in streamed]
+        for job, count in zip(jobs, [len(g) for _, g in groups] + [1] * len(streamed)):
+            result.bytes_uploaded += job.result()
+            result.objects_written += count
             if progress:
                 progress(result.bytes_uploaded, total)
     for key in plan.deletions:
         target.delete(key)
         result.deleted += 1
     return result
+
+
+def _bounded(files: list[tuple[str, FilePlan]], limit: int) -> Iterator[list[tuple[str, FilePlan]]]:
+    """Consecutive runs of ``files`` holding at most ``limit`` bytes (bounded memory per
+    upload worker)."""
+    run: list[tuple[str, FilePlan]] = []
+    size = 0
+    for item in files:
+        if run and size + item[1].entry["size"] > limit:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += item[1].entry["size"]
+    if run:
+        yield run
+
+
+def _fetch_pack_blobs(repo: Repository, pack: PackId, entries: list[BlobEntry]) -> dict[ChunkId, bytes]:
+    """The given blobs of one pack, decoded, in as few ranged GETs as ``coalesce`` allows."""
+    key = pack_key(pack)
+    raw: dict[ChunkId, bytes] = {}
+    for start, end, members in coalesce({e.id: e for e in entries}.values()):
+        try:
+            data = repo.backend.get(key, start, end - start)
+        except ObjectNotFound as exc:
+            raise IntegrityError(f"{key}: pack missing, needed by {len(members)} chunk(s)") from exc
+        for entry in members:
+            raw[entry.id] = decode_blob(memoryview(data)[entry.offset - start:entry.offset - start + entry.length],
+                                        entry.id, key)
+    return raw
 
 
 def _file_content(repo: Repository, file: FilePlan, located: dict[ChunkId, BlobEntry]) -> Iterator[bytes]:
