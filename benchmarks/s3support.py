@@ -128,6 +128,11 @@ class FaultProxy:
                 upstream.request(method, path, body=body, headers=headers)
                 response = upstream.getresponse()
                 data = response.read()
+                if fate == "cut_body" and len(data) < 2:  # nothing to cut: drop the answer instead
+                    with self._lock:
+                        self.injected["cut_body"] -= 1
+                        self.injected["reset_after"] += 1
+                    fate = "reset_after"
                 if fate == "reset_after":
                     return _reset(client)
                 head = [f"HTTP/1.1 {response.status} {response.reason}".encode()]
@@ -135,7 +140,7 @@ class FaultProxy:
                          if k.lower() not in ("transfer-encoding", "content-length", "connection")]
                 head.append(b"Content-Length: %d" % len(data))
                 client.sendall(b"\r\n".join(head) + b"\r\n\r\n")
-                if fate == "cut_body" and len(data) > 1:
+                if fate == "cut_body":
                     client.sendall(data[:len(data) // 2])
                     return _reset(client)
                 client.sendall(data)

@@ -10,11 +10,15 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
+
+from benchmarks import s3support
 from benchmarks.clubgen import generate, one_day
 from benchmarks.clubstate import club_state
 from benchmarks.s3support import FaultProxy, MotoServer, free_port
@@ -49,9 +53,9 @@ def _bucket(url: str) -> str:
     return url[len("s3://"):].split("/", 1)[0]
 
 
-def _listing(bucket: str, endpoint: str | None = None) -> dict[str, tuple[int, str]]:
+def _listing(bucket: str) -> dict[str, tuple[int, str]]:
     """Every object in the bucket, as the service lists it: key -> (size, ETag)."""
-    client = s3_client(endpoint)
+    client = s3_client()
     out: dict[str, tuple[int, str]] = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for item in page.get("Contents", []):
@@ -269,12 +273,75 @@ def test_failed_snapshot_leaves_the_repository_as_it_was(cli: Cli, s3_url: str, 
     assert club_state(tmp_path / "t", live=False) == state
 
 
+class _LostAnswers(FaultProxy):
+    """Apply the server side of chosen requests and drop their answers (``reset_after``),
+    each once: ``targets`` are (method, path fragment) pairs."""
+
+    _current = threading.local()  # the request the proxy thread is deciding about
+
+    def __init__(self, upstream_port: int, targets: list[tuple[str, str]]) -> None:
+        super().__init__(upstream_port, rate=0.0, faults=("reset_after",))
+        self.targets = list(targets)
+        self.hit: list[str] = []
+
+    @classmethod
+    def install(cls, monkeypatch: pytest.MonkeyPatch) -> None:
+        read = s3support._read_request
+
+        def recording(*args: Any) -> Any:
+            cls._current.request = read(*args)
+            return cls._current.request
+
+        monkeypatch.setattr(s3support, "_read_request", recording)
+
+    def _fate(self) -> str | None:
+        method, path = self._current.request[:2]
+        with self._lock:
+            for target in self.targets:
+                if method == target[0] and target[1] in path:
+                    self.targets.remove(target)
+                    self.hit.append(f"{method} {path}")
+                    self.injected["reset_after"] += 1
+                    return "reset_after"
+            self.forwarded += 1
+            return None
+
+
+def test_lost_answers_to_committing_requests_are_recognised(cli: Cli, s3_url: str, moto_server: MotoServer,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server applied the request, the client never heard: the exclusive config PUT
+    (its retry meets If-None-Match), a multipart Complete (retried on an upload already
+    completed) and the snapshot record's PUT must count as done, not fail the command."""
+    data = tmp_path / "data"
+    generate(data, "tiny", seed=36)
+    _add_bulk(data, seed=36, count=1, size=12 << 20)  # one pack above the part size
+    _LostAnswers.install(monkeypatch)
+    proxy = _LostAnswers(moto_server.port, [("PUT", "/repo/config"), ("POST", "?uploadId="),
+                                            ("PUT", "/repo/snapshots/")])
+    env = {"CLUBSNAP_REPO": s3_url, "CLUBSNAP_S3_ENDPOINT": proxy.endpoint}
+    try:
+        _ok(cli("init", env=env))
+        snap = _json(cli("snapshot", str(data), "--json", env=env))
+    finally:
+        proxy.stop()
+    assert proxy.targets == [], f"not every lost answer was staged: {proxy.hit}"
+    assert _requests(snap)["retries"] == 2, snap["requests"]  # the Complete and the record
+
+    repo = {"CLUBSNAP_REPO": s3_url}
+    assert [s["id"] for s in _json(cli("snapshots", "--json", env=repo))] == [snap["id"]]
+    checked = _json(cli("check", "--read-data", "--json", env=repo))
+    assert checked["ok"] and checked["errors"] == [] and checked["packs_read"] == checked["packs"], checked
+    state = club_state(data, live=True)
+    _ok(cli("restore", "latest", "--target", str(tmp_path / "t"), env=repo))
+    assert club_state(tmp_path / "t", live=False) == state
+
+
 # ---- 4. killed in the middle of an upload --------------------------------------------------
 
 def _spawn_snapshot(url: str, data: Path, cache: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CLUBSNAP_REPO": url, "CLUBSNAP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "engine", "snapshot", str(data)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
 
 def _wait_for(condition: Callable[[], bool], process: subprocess.Popen[bytes], limit_s: float = 60) -> None:

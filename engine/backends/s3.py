@@ -450,6 +450,8 @@ class ObjectReader(io.RawIOBase):
                 if failures + 1 >= self._backend.settings.attempts:
                     raise BackendError(f"{self._backend._url}/{self._key}: body ended early")
                 failures += 1
+                self._backend.count("retries")
+                self._body.close()
                 self._open()
                 continue
             pieces.append(piece)
