@@ -1,0 +1,23 @@
+"""`make bench-s3` on the tiny data set with a few snapshots: the request-count benchmark
+runs end to end, and the counts it reports hold what docs/backends.md promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import s3
+
+
+def test_s3_benchmark_runs_and_its_counts_hold(tmp_path: Path) -> None:
+    result = s3.measure("tiny", 6, tmp_path / "work")
+    steps = result["steps"]
+    unchanged = steps["unchanged snapshot"]["requests"]
+    assert (unchanged["put"], unchanged["get"], unchanged["list"]) == (1, 1, 2)  # the record; config; index, snapshots
+    assert steps["snapshots (6 snapshots)"]["requests"]["list"] == 1
+    cold = steps["snapshots (6), empty local cache"]["requests"]
+    assert cold["get"] <= 1 + 6 and cold["list"] == 2  # config, records (no summary below 50 snapshots)
+    assert sum(result["faults"]["injected"].values()) > 0
+    bucket = result["bucket_source"]["steps"]["unchanged snapshot"]["blob_bucket"]
+    assert bucket["get"] == 0 and bucket["list"] == 1
+    report = s3.report(result)
+    assert "| unchanged snapshot | 1 | 1 | 0 | 2 | 0 |" in report
