@@ -143,7 +143,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.blobs:
         if not is_bucket_url(args.blobs):
             raise errors.UsageError(f"--blobs takes a bucket URL (s3://bucket[/prefix] or gs://…), not {args.blobs!r}")
-        blob_store = S3Backend(args.blobs, S3Settings.from_environ(os.environ, "CLUBSNAP_BLOBS_S3_"))
+        blob_store = _blob_bucket(args.blobs, repo, "--blobs")
     options = SnapshotOptions(source=Path(args.data_dir), host=args.host or socket.gethostname(),
                               now=_now, tags=args.tag or [], verify=args.verify, blob_store=blob_store,
                               include_logs=args.include_logs, progress=reporter.snapshot)
@@ -230,8 +230,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blob_bucket(url: str, repo: Repository, option: str) -> S3Backend:
+    """club's blob bucket (``CLUBSNAP_BLOBS_S3_*`` settings first), refused when it holds
+    the repository or lies inside it: a snapshot would back the repository up into
+    itself, and a restore with --delete would delete it."""
+    bucket = S3Backend(url, S3Settings.from_environ(os.environ, "CLUBSNAP_BLOBS_S3_"))
+    inner = getattr(repo.backend, "inner", repo.backend)
+    if isinstance(inner, S3Backend) and bucket.overlaps(inner):
+        raise errors.UsageError(f"{option} {bucket.url} overlaps the repository {inner.url}: use another bucket "
+                                f"or a prefix beside the repository's")
+    return bucket
+
+
 def _restore_into_bucket(args: argparse.Namespace, repo: Repository, snap: SnapshotInfo) -> int:
-    target = S3Backend(args.target, S3Settings.from_environ(os.environ, "CLUBSNAP_BLOBS_S3_"))
+    target = _blob_bucket(args.target, repo, "--target")
     plan = plan_bucket_restore(repo, snap, target, args.include, args.delete)
     summary = plan.summary()
     not_restored = (f"\nnot restored (a bucket holds club's blobs only; restore these with --target DIR "

@@ -9,6 +9,7 @@ point leaves only unreferenced packs or index entries, never a dangling referenc
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
@@ -20,7 +21,7 @@ from .backend import Backend
 from .backends.metered import MeteredBackend
 from .catalog import Catalog
 from .chunker import ChunkerParams
-from .errors import BackendError, IntegrityError, ObjectNotFound, StorageFull, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
+from .errors import EngineError, IntegrityError, ObjectNotFound, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
 from .format import (
     CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
     ChunkId, Kind, PackId, SnapshotId, chunk_id, decode_blob, digest, encode_blob, index_key,
@@ -265,6 +266,16 @@ class Repository:
     def _put_pack(self, pack_id: PackId, data: bytes | bytearray, entries: list[BlobEntry]) -> None:
         try:
             self.backend.put(pack_key(pack_id), data)
+            with self._lock:
+                self.stats.packs_written += 1
+                self.stats.pack_bytes_written += len(data)
+                self._uploaded.update((e.id, e) for e in entries)
+                self._unindexed.append((pack_id, len(data), entries))
+                batch = self._unindexed if len(self._unindexed) >= PACKS_PER_INDEX else []
+                if batch:
+                    self._unindexed = []
+            if batch:
+                self._write_index(batch)
         except BaseException as exc:
             # Sticky: the pack's blobs count as stored for this session (dedup), so no
             # snapshot may be saved after this, whichever thread met (or swallowed) it.
@@ -272,17 +283,13 @@ class Repository:
                 self._upload_error = self._upload_error or exc
             raise
         if entries and entries[0].type == BlobType.TREE:  # a pack holds one blob type
-            self.catalog.cache_trees((bytes(e.id), bytes(data[e.offset:e.offset + e.length])) for e in entries)
-        with self._lock:
-            self.stats.packs_written += 1
-            self.stats.pack_bytes_written += len(data)
-            self._uploaded.update((e.id, e) for e in entries)
-            self._unindexed.append((pack_id, len(data), entries))
-            batch = self._unindexed if len(self._unindexed) >= PACKS_PER_INDEX else []
-            if batch:
-                self._unindexed = []
-        if batch:
-            self._write_index(batch)
+            self._cache_trees((bytes(e.id), bytes(data[e.offset:e.offset + e.length])) for e in entries)
+
+    def _cache_trees(self, blobs: Iterable[tuple[bytes, bytes]]) -> None:
+        try:
+            self.catalog.cache_trees(blobs)
+        except sqlite3.Error:
+            pass  # only a cache: the trees are read from their packs instead
 
     def _raise_failed_upload(self) -> None:
         """Fail early, at the next pack, once any upload has failed."""
@@ -308,9 +315,11 @@ class Repository:
         with self._index_lock:
             try:
                 self.backend.put(index_key(name), data)
-            except BaseException as exc:
-                with self._lock:  # the batch's blobs are unindexed for good: as for a pack
-                    self._upload_error = self._upload_error or exc
+            except BaseException:
+                with self._lock:  # stored but unindexed for good: a retry must store them again
+                    for _, _, entries in batch:
+                        for entry in entries:
+                            self._uploaded.pop(entry.id, None)
                 raise
             self.catalog.add_index(name.hex(), {p: s for p, s, _ in batch},
                                    [e for _, _, entries in batch for e in entries])
@@ -380,8 +389,8 @@ class Repository:
         view = memoryview(data)
         raw = decode_blob(view[wanted.offset - start:wanted.offset - start + wanted.length], wanted.id, key)
         # Cached as stored and checked again on every read, like a GET from the pack.
-        self.catalog.cache_trees((bytes(b.id), bytes(view[b.offset - start:b.offset - start + b.length]))
-                                 for b in blobs if b.type == BlobType.TREE)
+        self._cache_trees((bytes(b.id), bytes(view[b.offset - start:b.offset - start + b.length]))
+                          for b in blobs if b.type == BlobType.TREE)
         return raw
 
     # ---- snapshots ----------------------------------------------------------------------------
@@ -397,8 +406,8 @@ class Repository:
         if self._listed_snapshots is not None and (self._listed_snapshots + 1) % self.summary_every == 0:
             try:
                 self.write_summary()
-            except (BackendError, StorageFull):
-                pass  # the snapshot is saved; the next summary will cover it
+            except (EngineError, sqlite3.Error):
+                pass  # the snapshot is saved; the next summary will cover it (check reports damage)
 
         return SnapshotInfo(snap_id, key, time, record)
 

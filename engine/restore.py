@@ -107,7 +107,7 @@ def plan_restore(repo: Repository, snapshot: SnapshotInfo, target: Path,
                  includes: list[str] | None = None, delete: bool = False) -> RestorePlan:
     repo.sync_index()
     plan = RestorePlan(snapshot, target.absolute())
-    wanted = [_normalise(i) for i in includes or []]
+    wanted = [normalise_include(i) for i in includes or []]
     _select(repo, snapshot.tree, b"", wanted, plan)
     for include in wanted:
         if not any(_within(rel, include) for rel in _all_paths(plan)):
@@ -132,7 +132,7 @@ def select_files(repo: Repository, snapshot: SnapshotInfo, includes: list[str] |
     """The snapshot's files within ``includes`` (all when none), for restores elsewhere
     than a directory."""
     plan = RestorePlan(snapshot, Path("."))
-    wanted = [_normalise(i) for i in includes or []]
+    wanted = [normalise_include(i) for i in includes or []]
     _select(repo, snapshot.tree, b"", wanted, plan)
     for include in wanted:
         if not any(_within(rel, include) for rel in _all_paths(plan)):
@@ -140,7 +140,7 @@ def select_files(repo: Repository, snapshot: SnapshotInfo, includes: list[str] |
     return plan.files
 
 
-def _normalise(include: str) -> bytes:
+def normalise_include(include: str) -> bytes:
     path = include.strip().strip("/")
     while path.startswith("./"):
         path = path[2:]

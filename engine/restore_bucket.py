@@ -23,7 +23,7 @@ from .errors import IntegrityError, ObjectNotFound, UsageError
 from .format import ChunkId, PackId, decode_blob, display, pack_key
 from .packs import BlobEntry, coalesce
 from .repository import Repository, SnapshotInfo
-from .restore import FilePlan, select_files
+from .restore import FilePlan, normalise_include, select_files
 from .sources.bucket import TIER
 
 RUN_BYTES = 4 << 20  # contiguous stored chunks fetched in one ranged GET, at most
@@ -66,15 +66,35 @@ def plan_bucket_restore(repo: Repository, snapshot: SnapshotInfo, target: S3Back
     present = {info.key: info for info in target.list_objects()}
     for key, file in sorted(wanted.items()):
         there = present.get(key)
-        if there is not None and there.size == file.entry["size"] and there.etag == file.entry.get("etag"):
+        if (there is not None and there.etag and there.size == file.entry["size"]
+                and there.etag == file.entry.get("etag")):
             plan.unchanged += 1
         else:
             plan.uploads.append((key, file))
     if delete:
-        scopes = [i.strip("/").removeprefix("blobs").strip("/") for i in includes or []]
+        if not wanted:
+            raise UsageError(f"snapshot {snapshot.id.short()} has no blobs/ files in scope: --delete would empty "
+                             f"{target.url}; refusing")
+        scopes = _delete_scopes(includes)
         plan.deletions = sorted(key for key in present if key not in wanted
-                                and (not scopes or any(key == s or key.startswith(s + "/") for s in scopes)))
+                                and (scopes is None or any(key == s or key.startswith(s + "/") for s in scopes)))
     return plan
+
+
+def _delete_scopes(includes: list[str] | None) -> list[str] | None:
+    """The key prefixes ``--delete`` may remove under: all (None) without ``--include`` or
+    with ``--include blobs``; ``x`` for ``--include blobs/x``; includes outside ``blobs/``
+    (``db``) reach nothing in a bucket."""
+    if not includes:
+        return None
+    scopes = []
+    for include in includes:
+        path = display(normalise_include(include))
+        if path == "blobs":
+            return None
+        if path.startswith("blobs/"):
+            scopes.append(path[len("blobs/"):])
+    return scopes
 
 
 def apply_bucket_restore(repo: Repository, plan: BucketRestorePlan, target: S3Backend,

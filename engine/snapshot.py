@@ -365,7 +365,7 @@ class _SnapshotBuilder:
         with store.open_object(display(rel)[len(bucket.TIER) + 1:]) as reader:
             chunks = [self.repo.add_blob(BlobType.DATA, c) for c in chunk_stream(reader, CDC, self.repo.config.chunker)]
             size, etag = reader.size or 0, reader.etag or ""
-        if etag == info.etag:  # the object read is the one listed: remember it
+        if etag and etag == info.etag:  # the object read is the one listed: remember it
             self.bucket_cache.remember(rel, CachedFile(size, info.mtime_ns, 0, 0, chunks, etag))
         self._count(rel, size, read=size, changed=rel in self.bucket_cache.cached)
         return bucket.object_entry(rel, size, info.mtime_ns, etag, [bytes(c) for c in chunks], CDC)
@@ -467,7 +467,7 @@ class _BucketCache:
 
     def hits(self, repo: Repository, objects: dict[bytes, ObjectInfo]) -> dict[bytes, CachedFile]:
         candidates = {rel: cached for rel, info in objects.items()
-                      if (cached := self.cached.get(rel)) is not None
+                      if (cached := self.cached.get(rel)) is not None and info.etag
                       and (cached.size, cached.etag) == (info.size, info.etag)}
         stored = repo.which_exist([c for cached in candidates.values() for c in cached.chunks])
         hits = {rel: cached for rel, cached in candidates.items() if all(c in stored for c in cached.chunks)}

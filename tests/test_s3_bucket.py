@@ -194,3 +194,59 @@ def test_bucket_source_survives_failing_requests(cli: Cli, tmp_path: Path, moto_
     assert snap["stats"]["blobs_requests"]["retries"] >= 1 and not snap["partial"]
     _ok(cli("restore", "latest", "--target", str(tmp_path / "out"), "--include", "blobs", repo=repo))
     assert _local_files(tmp_path / "out" / "blobs") == _bucket_objects(bucket, "store")
+
+
+def test_a_bucket_that_holds_the_repository_is_refused(cli: Cli, tmp_path: Path, s3_url: str,
+                                                       club_in_bucket: tuple[Path, str, str]) -> None:
+    """Blobs in the repository's bucket around its prefix: a snapshot would back the
+    repository up into itself, a restore with --delete would delete it."""
+    data, _, store = club_in_bucket
+    repo_bucket = s3_url.split("/")[2]
+    _ok(cli("init", env={"CLUBSNAP_REPO": s3_url}))
+    snap = json.loads(_ok(cli("snapshot", str(data), "--blobs", store, "--json", env={"CLUBSNAP_REPO": s3_url})).stdout)
+    for args in (("snapshot", str(data), "--blobs", f"s3://{repo_bucket}"),
+                 ("restore", snap["id"], "--target", f"s3://{repo_bucket}/repo/inside", "--delete")):
+        result = cli(*args, env={"CLUBSNAP_REPO": s3_url})
+        assert result.returncode == 2 and "overlaps the repository" in result.stderr, result.stderr
+    _ok(cli("check", env={"CLUBSNAP_REPO": s3_url}))
+
+
+def test_delete_into_a_bucket_follows_the_includes(cli: Cli, tmp_path: Path,
+                                                   club_in_bucket: tuple[Path, str, str]) -> None:
+    data, bucket, store = club_in_bucket
+    repo = tmp_path / "repo"
+    _ok(cli("init", repo=repo))
+    snap = json.loads(_ok(cli("snapshot", str(data), "--blobs", store, "--json", repo=repo)).stdout)
+    s3_client().put_object(Bucket=bucket, Key="store/stray/object", Body=b"x")
+
+    def planned_deletions(*includes: str) -> list[str]:
+        args = [arg for include in includes for arg in ("--include", include)]
+        out = _ok(cli("restore", snap["id"], "--target", store, "--delete", "--dry-run", "--json", *args, repo=repo))
+        return list(json.loads(out.stdout)["delete"])
+
+    assert planned_deletions("blobs") == ["stray/object"]
+    assert planned_deletions("./blobs/") == ["stray/object"]
+    assert planned_deletions("blobs/bigpkg") == []
+    assert planned_deletions("db", "blobs/bigpkg") == []
+
+
+def test_a_key_that_is_also_a_prefix_is_reported_not_taken(cli: Cli, tmp_path: Path,
+                                                           club_in_bucket: tuple[Path, str, str]) -> None:
+    data, bucket, store = club_in_bucket
+    client = s3_client()
+    client.put_object(Bucket=bucket, Key="store/odd/name", Body=b"a file")
+    client.put_object(Bucket=bucket, Key="store/odd/name/inside", Body=b"and a file below it")
+    repo = tmp_path / "repo"
+    _ok(cli("init", repo=repo))
+    result = cli("snapshot", str(data), "--blobs", store, repo=repo)
+    assert result.returncode == 3 and "also a prefix of other keys" in result.stderr, result.stderr
+    _ok(cli("restore", "latest", "--target", str(tmp_path / "out"), repo=repo))
+    assert (tmp_path / "out" / "blobs" / "odd" / "name" / "inside").read_bytes() == b"and a file below it"
+
+
+def test_unusable_s3_settings_are_one_line(cli: Cli, tmp_path: Path, s3_env: dict[str, str]) -> None:
+    for env in ({"CLUBSNAP_S3_ENDPOINT": "127.0.0.1:5077"}, {"CLUBSNAP_S3_PROFILE": "no-such-profile"},
+                {"CLUBSNAP_S3_CONNECTIONS": "many"}):
+        result = cli("snapshots", env={"CLUBSNAP_REPO": "s3://some-bucket/repo", **env})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("clubsnap: "), result.stderr

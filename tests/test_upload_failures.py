@@ -56,5 +56,31 @@ def test_no_snapshot_after_a_swallowed_upload_failure(tmp_path: Path, width: int
     repo.discard_unwritten()
     ids = [repo.add_blob(BlobType.DATA, blob) for blob in blobs]
     repo.save_snapshot({"tree": b"\0" * 32}, now())
-    assert all(repo.read_blob(i) == blob for i, blob in zip(ids, blobs))
     repo.close()
+    # A host with an empty catalog finds every blob through the index objects alone.
+    fresh = Repository.open(FsBackend(tmp_path / "repo"), tmp_path / "fresh-cache")
+    fresh.sync_index()
+    assert all(fresh.read_blob(i) == blob for i, blob in zip(ids, blobs))
+    fresh.close()
+
+
+def test_a_failing_tree_cache_costs_nothing_but_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local tree cache is a cache: when writing to it fails, the pack is still
+    indexed and the snapshot saved."""
+    import sqlite3
+
+    from engine.catalog import Catalog
+
+    def broken(self: Catalog, blobs: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Catalog, "cache_trees", broken)
+    now = lambda: datetime(2026, 4, 9, tzinfo=timezone.utc)  # noqa: E731
+    repo = Repository.init(FsBackend(tmp_path / "repo"), tmp_path / "cache", now)
+    tree = repo.add_blob(BlobType.TREE, b"a tree record")
+    repo.save_snapshot({"tree": bytes(tree)}, now())
+    repo.close()
+    fresh = Repository.open(FsBackend(tmp_path / "repo"), tmp_path / "fresh-cache")
+    fresh.sync_index()
+    assert fresh.read_blob(tree) == b"a tree record"
+    fresh.close()

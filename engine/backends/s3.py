@@ -132,6 +132,9 @@ class S3Backend(Backend):
         self._url = f"{scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self._root = f"{self.prefix}/" if self.prefix else ""
         self._client = client or _make_client(settings, gcs=scheme == "gs")
+        # Parts in flight across every multipart upload of this backend (bounded memory
+        # however many objects upload at once).
+        self._part_slots = threading.BoundedSemaphore(settings.connections)
         self._counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
         self._parts_pool: ThreadPoolExecutor | None = None
@@ -222,6 +225,13 @@ class S3Backend(Backend):
 
     # ---- beyond the contract: what a bucket source or restore target needs --------------------
 
+    def overlaps(self, other: "S3Backend") -> bool:
+        """Whether the two share a bucket on one service with one prefix inside the other
+        (a blob store there would contain the repository, or the reverse)."""
+        if (self._client.meta.endpoint_url, self.bucket) != (other._client.meta.endpoint_url, other.bucket):
+            return False
+        return self._root.startswith(other._root) or other._root.startswith(self._root)
+
     def list_objects(self, prefix: str = "") -> Iterator[ObjectInfo]:
         """Objects under ``prefix`` with size, ETag and time; one LIST per 1000 keys."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._root + prefix, "MaxKeys": LIST_PAGE}
@@ -300,12 +310,20 @@ class S3Backend(Backend):
                 return {"PartNumber": number, "ETag": etag}
 
             pool = self._pool()
-            # At most `connections` parts in flight: bounded memory for a streamed object.
             pending: deque[Future[dict[str, Any]]] = deque()
             done = []
             for number, part in enumerate(parts, start=1):
-                pending.append(pool.submit(send, number, bytes(part)))
-                if len(pending) >= self.settings.connections:
+                # At most `connections` parts in flight in all, whatever number of uploads
+                # run at once: memory stays bounded by connections x part size.
+                self._part_slots.acquire()
+                try:
+                    future = pool.submit(send, number, bytes(part))
+                except BaseException:
+                    self._part_slots.release()
+                    raise
+                future.add_done_callback(lambda _: self._part_slots.release())
+                pending.append(future)
+                while pending and pending[0].done():
                     done.append(pending.popleft().result())
             done += [future.result() for future in pending]
             self._complete(full, upload_id, done)
@@ -322,8 +340,14 @@ class S3Backend(Backend):
             self._call("put", full, lambda: self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=full, UploadId=upload_id, MultipartUpload={"Parts": parts}))
         except ObjectNotFound:
-            # NoSuchUpload after a retry: the first Complete landed and its answer was lost.
-            self._call("head", full, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+            # NoSuchUpload after a retry: the first Complete landed and its answer was lost,
+            # if the object now there is this upload (S3's multipart ETag: the MD5 of the
+            # parts' MD5s, and the part count).
+            head = self._call("head", full, lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+            expected = hashlib.md5(b"".join(bytes.fromhex(p["ETag"].strip('"')) for p in parts)).hexdigest()
+            if head.get("ETag", "").strip('"') != f"{expected}-{len(parts)}":
+                raise BackendError(f"{self._url}/{full[len(self._root):]}: multipart upload vanished before it "
+                                   f"completed") from None
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -422,9 +446,13 @@ class ObjectReader(io.RawIOBase):
             args["IfMatch"] = f'"{self.etag}"'
             args["Range"] = f"bytes={self._position}-"
         response = self._backend._call("get", self._full, lambda: self._backend._client.get_object(**args))
+        etag = str(response.get("ETag", "")).strip('"')
         if self.etag is None:
-            self.etag = str(response.get("ETag", "")).strip('"')
-            self.size = int(response["ContentLength"])
+            self.etag, self.size = etag, int(response["ContentLength"])
+        elif etag != self.etag or not str(response.get("ContentRange", "")).startswith(f"bytes {self._position}-"):
+            # A service that ignored If-Match or Range would splice two versions together.
+            response["Body"].close()
+            raise BackendError(f"{self._backend.url}/{self._key}: changed while being read")
         self._body = response["Body"]
 
     def readable(self) -> bool:
@@ -475,6 +503,15 @@ def gcs_create_only(request: Any, **_: Any) -> None:
 
 
 def _make_client(settings: S3Settings, gcs: bool) -> Any:
+    import botocore.exceptions
+
+    try:
+        return _build_client(settings, gcs)
+    except (botocore.exceptions.BotoCoreError, ValueError) as exc:
+        raise UsageError(f"S3 settings are not usable: {_reason(exc)}") from exc
+
+
+def _build_client(settings: S3Settings, gcs: bool) -> Any:
     import boto3
     from botocore.config import Config
 

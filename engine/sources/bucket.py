@@ -43,6 +43,12 @@ def list_blob_store(store: S3Backend) -> BucketListing:
         for depth in range(1, len(parts)):
             directory = TIER + b"/" + "/".join(parts[:depth]).encode()
             listing.dirs.setdefault(directory, _dir_meta(directory))
+    # `a/b` and `a/b/c` in one bucket: a file and a directory of one name cannot both be
+    # restored into a directory. The object is reported and left out, the rest kept.
+    for rel in sorted(set(listing.objects) & set(listing.dirs)):
+        del listing.objects[rel]
+        listing.errors.append(f"{store.url}/{display(rel)[len(TIER) + 1:]}: key is also a prefix of other keys "
+                              f"(a file and a directory of one name); not taken")
     return listing
 
 
