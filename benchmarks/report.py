@@ -91,7 +91,9 @@ def markdown(command: str, results: list[dict[str, Any]], frequent: dict[str, An
              METHOD]
     lines += _targets_table(results, frequent)
     lines += ["Why each missed target is missed, what the profiles show and what would close it: "
-              "[benchmarks-analysis.md](benchmarks-analysis.md) (written by hand from cProfile runs).", ""]
+              "[benchmarks-analysis.md](benchmarks-analysis.md) (written by hand from cProfile runs). "
+              "S3 request counts per command, with failing requests and a blob store in a bucket: "
+              "[benchmarks-s3.md](benchmarks-s3.md) (`make bench-s3`).", ""]
     for result in results:
         lines += _scenario(result)
     if frequent:
