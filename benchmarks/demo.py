@@ -23,7 +23,9 @@ from benchmarks.clubstate import club_state
 def _clubsnap(work: Path, *args: str) -> None:
     command = ["clubsnap", *args]
     print(f"\n$ {' '.join(command)}", flush=True)
-    env = {**os.environ, "CLUBSNAP_REPO": str(work / "repo"), "CLUBSNAP_CACHE_DIR": str(work / "cache")}
+    # The demo repository is encrypted (the default) with the password "demo".
+    env = {**os.environ, "CLUBSNAP_REPO": str(work / "repo"), "CLUBSNAP_CACHE_DIR": str(work / "cache"),
+           "CLUBSNAP_PASSWORD": os.environ.get("CLUBSNAP_PASSWORD", "demo")}
     result = subprocess.run([sys.executable, "-m", "engine", *args], env=env)
     if result.returncode != 0:
         sys.exit(f"demo: clubsnap {args[0]} failed with exit code {result.returncode}")

@@ -18,7 +18,7 @@ from .errors import EngineError
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
-SCHEMA_VERSION = 2  # 2: files.etag (objects of a bucket source), the tree cache
+SCHEMA_VERSION = 3  # 2: files.etag (bucket sources), the tree cache; 3: snapshots.sealed
 LOOKUP_BATCH = 500  # ids per SELECT … IN (…)
 
 
@@ -56,9 +56,11 @@ class Catalog:
             version = self._schema_version()
             if version == str(SCHEMA_VERSION):
                 return
-            if version == "1":  # keep the files cache: losing it costs a full read
-                self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
-                self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
+            if version in ("1", "2"):  # keep the files cache: losing it costs a full read
+                if version == "1":
+                    self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
+                    self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
+                self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
                 self.set_meta("schema", str(SCHEMA_VERSION))
                 return
             # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
@@ -73,7 +75,8 @@ class Catalog:
             db.table("packs").create({"id": bytes, "size": int}, pk="id")
             db.table("blobs").create({"id": bytes, "type": int, "pack": bytes, "offset": int,
                                       "length": int, "raw_length": int}, pk="id")
-            db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes}, pk="key")
+            db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes, "sealed": bytes},
+                                         pk="key")
             db.table("trees").create({"id": bytes, "stored": bytes}, pk="id")
             db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
                                       "ctime_ns": int, "inode": int, "chunks": bytes, "etag": str},
@@ -192,10 +195,16 @@ class Catalog:
         with self._lock:
             return {row[0] for row in self._conn.execute("SELECT key FROM snapshots")}
 
-    def add_snapshot(self, key: str, snap_id: bytes, time_us: int, record: dict[str, Any]) -> None:
+    def add_snapshot(self, key: str, snap_id: bytes, time_us: int, record: dict[str, Any], sealed: bytes) -> None:
+        """``sealed`` is the record as stored (a summary copies it byte for byte)."""
         with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?)",
-                                  [key, snap_id, time_us, pack_record(record)])
+            self._conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?)",
+                                  [key, snap_id, time_us, pack_record(record), sealed])
+
+    def snapshot_sealed(self, key: str) -> bytes | None:
+        with self._lock:
+            row = self._conn.execute("SELECT sealed FROM snapshots WHERE key=?", [key]).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def remove_snapshots(self, keys: Iterable[str]) -> None:
         with self._lock:

@@ -25,6 +25,9 @@ from .backend import Backend, open_backend
 from .backends.s3 import S3Backend, S3Settings, is_bucket_url
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
+from . import keys
+from .crypto import SCHEME
+from .format import KEYS_PREFIX
 from .repository import Repository, SnapshotInfo
 from .restore import apply_restore, check_databases, plan_restore
 from .restore_bucket import apply_bucket_restore, plan_bucket_restore
@@ -62,8 +65,49 @@ def _backend(url: str) -> Backend:
     return open_backend(url, S3Settings.from_environ(os.environ))
 
 
+def _read_password(args: argparse.Namespace, new: bool = False, confirm: bool = False) -> bytes:
+    """A password from a file, the environment or the terminal; never from an argument
+    (it would show in ``ps``). ``new``: the one ``key add``/``passwd`` sets (its own
+    sources); ``confirm``: asked twice on a terminal (a password being set)."""
+    prefix = "CLUBSNAP_NEW_PASSWORD" if new else "CLUBSNAP_PASSWORD"
+    given = getattr(args, "new_password_file", None) if new else args.password_file
+    path = given or os.environ.get(f"{prefix}_FILE")
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                secret = handle.read().rstrip(b"\r\n")
+        except OSError as exc:
+            raise errors.UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
+    elif os.environ.get(prefix):
+        secret = os.environ[prefix].encode()
+    elif sys.stdin.isatty():
+        import getpass
+
+        what = "new password" if new else "password"
+        secret = getpass.getpass(f"{what} for {_repo_url(args)}: ").encode()
+        if (new or confirm) and getpass.getpass("again: ").encode() != secret:
+            raise errors.UsageError("the passwords differ")
+    else:
+        option = "--new-password-file" if new else "--password-file"
+        raise errors.UsageError(f"a {'new ' if new else ''}password is needed: use {option}, or set {prefix}_FILE "
+                                f"or {prefix}")
+    if not secret:
+        raise errors.UsageError("the password is empty")
+    return secret
+
+
+def _kdf_cost(args: argparse.Namespace) -> int | None:
+    text = args.kdf_cost or os.environ.get("CLUBSNAP_KDF_COST")
+    if not text:
+        return None  # calibrated to ~0.5 s on this machine
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise errors.UsageError(f"--kdf-cost takes log2 of scrypt's N, like 17, not {text!r}") from exc
+
+
 def _open(args: argparse.Namespace) -> Repository:
-    repo = Repository.open(_backend(_repo_url(args)), _cache_root(args))
+    repo = Repository.open(_backend(_repo_url(args)), _cache_root(args), lambda: _read_password(args))
     args.repository = repo  # for the request counts reported after the command
     return repo
 
@@ -128,11 +172,47 @@ def _report_requests(args: argparse.Namespace) -> None:
 # ---- commands -------------------------------------------------------------------------------
 
 def cmd_init(args: argparse.Namespace) -> int:
-    repo = Repository.init(_backend(_repo_url(args)), _cache_root(args), _now)
+    encrypted = args.encryption != "none"
+    password = _read_password(args, confirm=True) if encrypted else None
+    repo = Repository.init(_backend(_repo_url(args)), _cache_root(args), _now, password=password,
+                           kdf_log2_n=_kdf_cost(args), host=socket.gethostname())
     args.repository = repo
-    _emit(args, {"id": repo.config.repo_id, "repository": repo.backend.location},
+    slot = repo.key_slot
+    _emit(args, {"id": repo.config.repo_id, "repository": repo.backend.location, "encryption": repo.config.encryption,
+                 "key_slot": slot.slot_id if slot else None},
           f"created clubsnap repository {repo.config.repo_id[:8]} at {repo.backend.location}\n"
-          f"encryption: none (this format version does not encrypt; keep the repository on trusted storage)")
+          + (f"encryption: {repo.config.encryption}, key slot {slot.slot_id} (scrypt N=2^{slot.log2_n}); "
+             f"without a password the repository cannot be read: keep one safe" if slot else
+             "encryption: NONE. Anyone who can read this repository reads every database row and package, and "
+             "changes go undetected until check. Use it only on storage that is already encrypted and trusted."))
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if repo.key_slot is None:
+        raise errors.UsageError(f"{repo.backend.location} is not encrypted: it has no keys")
+    backend, current = repo.backend, repo.key_slot
+    if args.key_command == "list":
+        slots = keys.list_slots(backend)
+        rows = [{"id": s.slot_id, "current": s.slot_id == current.slot_id, "created": s.created, "host": s.host,
+                 "kdf": f"scrypt N=2^{s.log2_n} r={s.record.get('r')} p={s.record.get('p')}"} for s in slots]
+        _emit(args, {"slots": rows}, "\n".join(f"{'*' if r['current'] else ' '} {r['id']}  {r['created']}  "
+                                                 f"{r['host']}  {r['kdf']}" for r in rows))
+        return 0
+    if args.key_command == "remove":
+        removed = keys.remove_slot(backend, args.slot, current)
+        _emit(args, {"removed": removed.slot_id}, f"removed key slot {removed.slot_id}")
+        return 0
+    assert repo.cipher.master_key is not None
+    added = keys.add_slot(backend, repo.cipher.master_key, _read_password(args, new=True),
+                          _kdf_cost(args) or keys.calibrate(), socket.gethostname())
+    if args.key_command == "passwd":  # a new slot first, then the old one goes: never no slot
+        backend.delete(KEYS_PREFIX + current.slot_id)
+        _emit(args, {"added": added.slot_id, "removed": current.slot_id},
+              f"password changed: key slot {added.slot_id} added, {current.slot_id} removed")
+        return 0
+    _emit(args, {"added": added.slot_id}, f"added key slot {added.slot_id}")
     return 0
 
 
@@ -370,6 +450,9 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     options.add_argument("--cache-dir", default=default,
                          help="local catalog directory (default: $XDG_CACHE_HOME/clubsnap)")
     options.add_argument("--json", action="store_true", default=default, help="machine-readable output")
+    options.add_argument("--password-file", default=default,
+                         help="read the repository password from this file (default: $CLUBSNAP_PASSWORD_FILE, "
+                              "$CLUBSNAP_PASSWORD, or a prompt on a terminal)")
     options.add_argument("--requests", action="store_true", default=default,
                          help="print the backend requests the command made (PUT/GET/HEAD/LIST/DELETE) on stderr")
     return options
@@ -378,7 +461,7 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clubsnap", parents=[_global_options(None)],
                                      description="Incremental, deduplicating snapshots of a club data directory.")
-    parser.set_defaults(repo=None, cache_dir=None, json=False, requests=False)
+    parser.set_defaults(repo=None, cache_dir=None, json=False, requests=False, password_file=None)
     # Repeated on every command, so they may come after it too; SUPPRESS keeps a value
     # given before the command from being reset by the command's own default.
     common = _global_options(argparse.SUPPRESS)
@@ -389,7 +472,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("init", cmd_init, "create a repository")
+    p = add("init", cmd_init, "create a repository (encrypted unless --encryption none)")
+    p.add_argument("--encryption", choices=(SCHEME, "none"), default=SCHEME,
+                   help=f"{SCHEME} (default) or none (only on storage that is already encrypted and trusted)")
+    p.add_argument("--kdf-cost", help="log2 of scrypt's N for the key slot (default: calibrated to ~0.5 s here; "
+                                      "$CLUBSNAP_KDF_COST)")
+    p = add("key", cmd_key, "manage the key slots (passwords) of an encrypted repository")
+    keys_sub = p.add_subparsers(dest="key_command", required=True)
+    keys_sub.add_parser("list", help="list the key slots; * marks the one this password opens")
+    for name, text in (("add", "add a password (a new slot wrapping the same master key)"),
+                       ("passwd", "change this password: add a new slot, then remove this one")):
+        q = keys_sub.add_parser(name, help=text)
+        q.add_argument("--new-password-file", help="the new password's file (default: $CLUBSNAP_NEW_PASSWORD_FILE, "
+                                                   "$CLUBSNAP_NEW_PASSWORD, or a prompt)")
+        q.add_argument("--kdf-cost", help="log2 of scrypt's N (default: calibrated to ~0.5 s)")
+    q = keys_sub.add_parser("remove", help="remove a key slot (not the one this password opens)")
+    q.add_argument("slot", help="slot id or a unique prefix")
     p = add("snapshot", cmd_snapshot, "take a snapshot of a club data directory")
     p.add_argument("data_dir")
     p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")

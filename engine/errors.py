@@ -20,7 +20,8 @@ keeps its traceback.
     ├── TargetInUse (16)                restore target database is open by a process
     ├── StorageFull (17)                ENOSPC / quota while writing
     ├── CheckFailed (18)                check found problems (details in the report)
-    └── TargetError (19)                restore target cannot be written as planned
+    ├── TargetError (19)                restore target cannot be written as planned
+    └── WrongPassword (20)              no key slot of an encrypted repository opens
 
 A snapshot that completed but skipped unreadable files is not an exception: it is a
 result with ``partial=True``, which the CLI reports with exit code 3.
@@ -93,6 +94,10 @@ class CheckFailed(EngineError):
 
 class TargetError(EngineError):
     exit_code = 19
+
+
+class WrongPassword(EngineError):
+    exit_code = 20
 
 
 def from_os_error(exc: OSError, what: str) -> EngineError:

@@ -17,9 +17,10 @@ import blake3
 import lz4.block
 import msgpack
 
+from .crypto import PLAIN, Cipher
 from .errors import IntegrityError, UnsupportedFormat
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: encryption, key slots, snapshot summaries
 OLDEST_READABLE_VERSION = 1  # version 1 stored databases as chunk lists, not page maps
 ID_SIZE = 32
 
@@ -47,16 +48,17 @@ class Kind(IntEnum):
     SNAPSHOT = 3
     PACK_TRAILER = 4
     SNAPSHOT_SUMMARY = 5
+    KEY_SLOT = 6
 
 
 class Flag(IntFlag):
     """Per-object and per-blob flags. Unknown bits make a reader refuse the object."""
 
     LZ4 = 0x01
-    ENCRYPTED = 0x02  # reserved for the encryption issue; not produced yet
+    ENCRYPTED = 0x02  # the payload is salt + AES-256-GCM ciphertext (engine/crypto.py)
 
 
-KNOWN_FLAGS = Flag.LZ4
+KNOWN_FLAGS = Flag.LZ4 | Flag.ENCRYPTED
 
 
 class BlobType(IntEnum):
@@ -150,7 +152,7 @@ def _maybe_compress(raw: bytes) -> tuple[Flag, bytes]:
 
 def _decompress(flags: int, payload: bytes | memoryview, what: str) -> bytes:
     if flags & ~int(KNOWN_FLAGS):
-        raise UnsupportedFormat(f"{what}: unsupported flags 0x{flags:02x} (encrypted or newer format)")
+        raise UnsupportedFormat(f"{what}: unsupported flags 0x{flags:02x} (a newer format)")
     if not flags & Flag.LZ4:
         return bytes(payload)
     try:
@@ -160,15 +162,28 @@ def _decompress(flags: int, payload: bytes | memoryview, what: str) -> bytes:
         raise IntegrityError(f"{what}: corrupted compressed data") from exc
 
 
-# ---- sealed objects (config, index, snapshot, pack trailer) ---------------------------
+# ---- sealed objects (config, index, snapshot, pack trailer, summary, key slot) -------
 
-def seal_object(kind: Kind, record: Any) -> bytes:
+def seal_object(kind: Kind, record: Any, cipher: Cipher = PLAIN) -> bytes:
+    """Encode, compress, and with a keyed ``cipher`` encrypt (the header is the associated
+    data: kind and flags cannot be changed unnoticed)."""
     flags, payload = _maybe_compress(pack_record(record))
-    return OBJECT_HEADER.pack(OBJECT_MAGIC, FORMAT_VERSION, kind, flags, 0) + payload
+    if cipher.encrypted:
+        flags |= Flag.ENCRYPTED
+    header = OBJECT_HEADER.pack(OBJECT_MAGIC, FORMAT_VERSION, kind, flags, 0)
+    return header + (cipher.encrypt(payload, header) if cipher.encrypted else payload)
 
 
-def open_object(kind: Kind, data: bytes, what: str) -> Any:
-    """Check the envelope, then decode; refuses what this build does not understand."""
+def object_flags(data: bytes) -> int:
+    """An object's flags byte, read before deciding how to open it (config: is there a key?)."""
+    if len(data) < OBJECT_HEADER.size:
+        raise IntegrityError(f"truncated object ({len(data)} bytes)")
+    return int(OBJECT_HEADER.unpack_from(data)[3])
+
+
+def open_object(kind: Kind, data: bytes, what: str, cipher: Cipher = PLAIN) -> Any:
+    """Check the envelope, authenticate and decrypt if encrypted, then decode; refuses
+    what this build does not understand."""
     if len(data) < OBJECT_HEADER.size:
         raise IntegrityError(f"{what}: truncated object ({len(data)} bytes)")
     magic, version, found_kind, flags, _ = OBJECT_HEADER.unpack_from(data)
@@ -179,24 +194,40 @@ def open_object(kind: Kind, data: bytes, what: str) -> Any:
                                 f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}")
     if found_kind != kind:
         raise IntegrityError(f"{what}: expected a {kind.name.lower()} object, found kind {found_kind}")
-    payload = memoryview(data)[OBJECT_HEADER.size:]
-    return unpack_record(_decompress(flags, payload, what), what)
+    payload: bytes | memoryview = memoryview(data)[OBJECT_HEADER.size:]
+    if flags & Flag.ENCRYPTED:
+        payload = cipher.decrypt(payload, bytes(data[:OBJECT_HEADER.size]), what)
+    elif cipher.encrypted:
+        raise IntegrityError(f"{what}: not encrypted in an encrypted repository (replaced?)")
+    return unpack_record(_decompress(flags & ~int(Flag.ENCRYPTED), payload, what), what)
 
 
 # ---- blobs inside packs ----------------------------------------------------------------
 
-def encode_blob(raw: bytes) -> bytes:
-    """One blob as stored in a pack: a flags byte, then raw or lz4 bytes."""
+def encode_blob(raw: bytes, blob_id: bytes = b"", cipher: Cipher = PLAIN) -> bytes:
+    """One blob as stored in a pack: a flags byte, then raw or lz4 bytes, encrypted with a
+    keyed ``cipher`` (flags and id as associated data)."""
     flags, payload = _maybe_compress(raw)
-    return bytes((flags,)) + payload
+    if not cipher.encrypted:
+        return bytes((flags,)) + payload
+    if len(blob_id) != ID_SIZE:
+        raise ValueError("an encrypted blob is bound to its id: give it")
+    flags |= Flag.ENCRYPTED
+    return bytes((flags,)) + cipher.encrypt(payload, bytes((flags,)) + blob_id)
 
 
-def decode_blob(stored: bytes | memoryview, expected: ChunkId, what: str) -> bytes:
+def decode_blob(stored: bytes | memoryview, expected: ChunkId, what: str, cipher: Cipher = PLAIN) -> bytes:
     """Decode a stored blob and prove it is the one asked for (hash check on every read)."""
     if len(stored) < 1:
         raise IntegrityError(f"{what}: empty blob {expected.short()}")
-    raw = _decompress(stored[0], memoryview(stored)[1:], what)
-    if digest(raw) != expected:
+    flags = stored[0]
+    payload: bytes | memoryview = memoryview(stored)[1:]
+    if flags & Flag.ENCRYPTED:
+        payload = cipher.decrypt(payload, bytes((flags,)) + expected, f"{what}: blob {expected.short()}")
+    elif cipher.encrypted:
+        raise IntegrityError(f"{what}: blob {expected.short()} is not encrypted in an encrypted repository")
+    raw = _decompress(flags & ~int(Flag.ENCRYPTED), payload, what)
+    if cipher.chunk_id(raw) != expected:
         raise IntegrityError(f"{what}: blob {expected.short()} fails its hash check")
     return raw
 
@@ -208,6 +239,7 @@ DATA_PREFIX = "data/"
 INDEX_PREFIX = "index/"
 SNAPSHOT_PREFIX = "snapshots/"
 SUMMARY_PREFIX = "summaries/"
+KEYS_PREFIX = "keys/"
 SNAPSHOT_STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 

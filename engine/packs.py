@@ -13,6 +13,7 @@ from typing import Any, Iterable
 
 from .backend import Backend
 from .errors import IntegrityError, UnsupportedFormat
+from .crypto import PLAIN, Cipher
 from .format import (
     FORMAT_VERSION, OLDEST_READABLE_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, BlobType,
     ChunkId, Kind, PackId, decode_blob, digest, open_object, pack_key, seal_object,
@@ -46,8 +47,9 @@ class BlobEntry:
 class PackBuilder:
     """Accumulates encoded blobs of one type until the pack is big enough to upload."""
 
-    def __init__(self, blob_type: BlobType) -> None:
+    def __init__(self, blob_type: BlobType, cipher: Cipher = PLAIN) -> None:
         self.blob_type = blob_type
+        self.cipher = cipher
         self._buffer = bytearray(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
         self._rows: list[tuple[ChunkId, int, int, int]] = []
 
@@ -65,7 +67,7 @@ class PackBuilder:
     def finish(self) -> tuple[PackId, bytearray, list[BlobEntry]]:
         """Close the pack; the buffer is handed over, not copied (packs are 16 MiB)."""
         rows = [[bytes(i), int(self.blob_type), off, ln, raw] for i, off, ln, raw in self._rows]
-        trailer = seal_object(Kind.PACK_TRAILER, rows)
+        trailer = seal_object(Kind.PACK_TRAILER, rows, self.cipher)
         self._buffer += trailer
         self._buffer += PACK_FOOTER.pack(len(trailer), PACK_FOOTER_MAGIC)
         data = self._buffer
@@ -74,7 +76,7 @@ class PackBuilder:
         return pack_id, data, entries
 
 
-def read_trailer(backend: Backend, pack_id: PackId, size: int) -> list[BlobEntry]:
+def read_trailer(backend: Backend, pack_id: PackId, size: int, cipher: Cipher = PLAIN) -> list[BlobEntry]:
     """The blob list of a pack, from its trailer: two ranged reads, never the whole pack."""
     key = pack_key(pack_id)
     if size < PACK_HEADER.size + PACK_FOOTER.size:
@@ -83,11 +85,11 @@ def read_trailer(backend: Backend, pack_id: PackId, size: int) -> list[BlobEntry
     start = size - PACK_FOOTER.size - trailer_length
     if magic != PACK_FOOTER_MAGIC or start < PACK_HEADER.size:
         raise IntegrityError(f"{key}: damaged pack footer")
-    rows = open_object(Kind.PACK_TRAILER, backend.get(key, start, trailer_length), key)
+    rows = open_object(Kind.PACK_TRAILER, backend.get(key, start, trailer_length), key, cipher)
     return [BlobEntry.from_row(pack_id, row) for row in rows]
 
 
-def verify_pack(data: bytes, pack_id: PackId) -> list[BlobEntry]:
+def verify_pack(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[BlobEntry]:
     """Check a whole pack read back from storage: its hash, header, trailer and blobs."""
     key = pack_key(pack_id)
     if digest(data) != pack_id:
@@ -100,10 +102,10 @@ def verify_pack(data: bytes, pack_id: PackId) -> list[BlobEntry]:
                                 f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}")
     trailer_length, _ = PACK_FOOTER.unpack_from(data, len(data) - PACK_FOOTER.size)
     start = len(data) - PACK_FOOTER.size - trailer_length
-    rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key)
+    rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key, cipher)
     entries = [BlobEntry.from_row(pack_id, row) for row in rows]
     for entry in entries:
-        decode_blob(memoryview(data)[entry.offset:entry.offset + entry.length], entry.id, key)
+        decode_blob(memoryview(data)[entry.offset:entry.offset + entry.length], entry.id, key, cipher)
     return entries
 
 

@@ -19,13 +19,16 @@ from typing import Any, Callable, Iterable
 
 from .backend import Backend
 from .backends.metered import MeteredBackend
+from . import keys
 from .catalog import Catalog
+from .crypto import PLAIN, SCHEME, Cipher
+from .keys import KeySlot
 from .chunker import ChunkerParams
-from .errors import EngineError, IntegrityError, ObjectNotFound, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
+from .errors import EngineError, IntegrityError, ObjectNotFound, RepositoryExists, UsageError, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
 from .format import (
     CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
-    ChunkId, Kind, PackId, SnapshotId, chunk_id, decode_blob, digest, encode_blob, index_key,
-    open_object, pack_key, parse_snapshot_key, seal_object, snapshot_key, summary_key,
+    KEYS_PREFIX, ChunkId, Flag, Kind, PackId, SnapshotId, decode_blob, digest, encode_blob, index_key,
+    object_flags, open_object, pack_key, parse_snapshot_key, seal_object, snapshot_key, summary_key,
 )
 from .packs import TARGET_PACK_SIZE, BlobEntry, PackBuilder, read_trailer
 
@@ -46,16 +49,17 @@ class RepoConfig:
     created: str
     chunker: ChunkerParams
     pack_size: int = TARGET_PACK_SIZE
+    encryption: str = "none"
 
     def to_record(self) -> dict[str, Any]:
         return {"version": FORMAT_VERSION, "id": self.repo_id, "created": self.created,
                 "chunker": self.chunker.to_record(), "pack_size": self.pack_size,
-                "encryption": "none"}
+                "encryption": self.encryption}
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "RepoConfig":
-        return cls(str(record["id"]), str(record["created"]),
-                   ChunkerParams.from_record(record["chunker"]), int(record["pack_size"]))
+        return cls(str(record["id"]), str(record["created"]), ChunkerParams.from_record(record["chunker"]),
+                   int(record["pack_size"]), str(record.get("encryption", "none")))
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,13 @@ class WriteStats:
 
 
 class Repository:
-    def __init__(self, backend: Backend, config: RepoConfig, catalog: Catalog) -> None:
+    def __init__(self, backend: Backend, config: RepoConfig, catalog: Catalog, cipher: Cipher = PLAIN,
+                 key_slot: KeySlot | None = None) -> None:
         self.backend = backend if isinstance(backend, MeteredBackend) else MeteredBackend(backend)
         self.config = config
         self.catalog = catalog
+        self.cipher = cipher
+        self.key_slot = key_slot  # the slot the password opened (encrypted repositories)
         self.stats = WriteStats()
         self._lock = threading.Lock()
         self._index_lock = threading.Lock()
@@ -104,7 +111,7 @@ class Repository:
         self._session_ids: set[ChunkId] = set()
         self._uploaded: dict[ChunkId, BlobEntry] = {}
         self._unindexed: list[tuple[PackId, int, list[BlobEntry]]] = []
-        self._builders = {t: PackBuilder(t) for t in BlobType}
+        self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}
         # Uploads run in the background when the backend serves parallel requests well;
         # at most `concurrency` packs are in flight, which bounds memory.
         self._upload_slots = threading.BoundedSemaphore(self.backend.concurrency)
@@ -118,31 +125,66 @@ class Repository:
 
     @classmethod
     def init(cls, backend: Backend, cache_root: Path, now: Callable[[], datetime],
-             chunker: ChunkerParams | None = None) -> "Repository":
+             chunker: ChunkerParams | None = None, password: bytes | None = None,
+             kdf_log2_n: int | None = None, host: str = "") -> "Repository":
+        """A new repository; encrypted under a new random master key when ``password`` is
+        given (one key slot wraps it), else plain."""
+        cipher = Cipher(keys.new_master_key()) if password is not None else PLAIN
         config = RepoConfig(secrets.token_hex(16), now().astimezone(timezone.utc).isoformat(),
-                            chunker or ChunkerParams())
+                            chunker or ChunkerParams(), encryption=SCHEME if cipher.encrypted else "none")
         catalog = Catalog(cache_root / config.repo_id / "catalog.db")  # fail before writing anything
+        slot = None
         try:
             backend.prepare_for_init()
-            backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record()), exclusive=True)
+            if password is not None and cipher.master_key is not None:
+                # The slot first: a config without a slot would be a repository nobody opens.
+                slot = keys.add_slot(backend, cipher.master_key, password,
+                                     kdf_log2_n if kdf_log2_n is not None else keys.calibrate(), host)
+            try:
+                backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record(), cipher), exclusive=True)
+            except RepositoryExists:
+                if slot is not None:
+                    backend.delete(KEYS_PREFIX + slot.slot_id)
+                raise
         except BaseException:
             catalog.close()
             raise
-        return cls(backend, config, catalog)
+        return cls(backend, config, catalog, cipher, slot)
 
     @classmethod
-    def open(cls, backend: Backend, cache_root: Path) -> "Repository":
+    def open(cls, backend: Backend, cache_root: Path, password: Callable[[], bytes] | None = None) -> "Repository":
+        """Open a repository; ``password`` is asked for only if it is encrypted."""
         try:
             data = backend.get(CONFIG_KEY)
         except ObjectNotFound as exc:
             raise RepositoryNotFound(
                 f"no clubsnap repository at {backend.location} (run 'clubsnap init' first)") from exc
-        record = open_object(Kind.CONFIG, data, f"{backend.location}/{CONFIG_KEY}")
-        if record.get("encryption", "none") != "none":
-            raise UnsupportedFormat(f"{backend.location}: encryption {record['encryption']!r} "
+        what = f"{backend.location}/{CONFIG_KEY}"
+        cipher, slot = PLAIN, None
+        if object_flags(data) & Flag.ENCRYPTED:
+            if password is None:
+                raise UsageError(f"{backend.location} is encrypted: a password is needed")
+
+            def opens_config(master: bytes) -> bool:
+                try:
+                    open_object(Kind.CONFIG, data, what, Cipher(master))
+                    return True
+                except IntegrityError:
+                    return False  # a slot left by a failed init of another repository here
+
+            master, slot = keys.unlock(backend, password, opens_config)
+            cipher = Cipher(master)
+        record = open_object(Kind.CONFIG, data, what, cipher)
+        if record.get("encryption", "none") not in ("none", SCHEME) or (
+                (record.get("encryption", "none") == SCHEME) != cipher.encrypted):
+            raise UnsupportedFormat(f"{backend.location}: encryption {record.get('encryption')!r} "
                                     f"is not supported by this clubsnap")
         config = RepoConfig.from_record(record)
-        return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"))
+        return cls(backend, config, Catalog(cache_root / config.repo_id / "catalog.db"), cipher, slot)
+
+    def chunk_id(self, raw: bytes | bytearray | memoryview) -> ChunkId:
+        """A chunk's id: blake3 of its bytes, keyed in an encrypted repository."""
+        return ChunkId(self.cipher.chunk_id(raw))
 
     def close(self) -> None:
         self._wait_for_uploads(raise_errors=False)
@@ -173,7 +215,7 @@ class Repository:
         data = self.backend.get(key)
         if digest(data).hex() != name:
             raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-        record = open_object(Kind.INDEX, data, key)
+        record = open_object(Kind.INDEX, data, key, self.cipher)
         packs: dict[PackId, int] = {}
         entries: list[BlobEntry] = []
         for pack in record["packs"]:
@@ -190,7 +232,7 @@ class Repository:
         for key, size in self.backend.list(DATA_PREFIX):
             pack_id = PackId.from_hex(key.rsplit("/", 1)[-1])
             if pack_id not in indexed:
-                self._write_index([(pack_id, size, read_trailer(self.backend, pack_id, size))])
+                self._write_index([(pack_id, size, read_trailer(self.backend, pack_id, size, self.cipher))])
                 found += 1
         return found
 
@@ -204,7 +246,7 @@ class Repository:
 
     def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
         """Store a blob unless the repository has it; safe to call from many threads."""
-        blob_id = blob_id or chunk_id(raw)
+        blob_id = blob_id or self.chunk_id(raw)
         with self._lock:
             if blob_id in self._session_ids:
                 return blob_id
@@ -226,7 +268,7 @@ class Repository:
         return len(new), sum(self._store(blob_type, blob_id, blobs[blob_id]) for blob_id in new)
 
     def _store(self, blob_type: BlobType, blob_id: ChunkId, raw: bytes) -> int:
-        encoded = encode_blob(raw)  # outside the lock: lz4 releases the GIL
+        encoded = encode_blob(raw, blob_id, self.cipher)  # outside the lock: lz4 releases the GIL
         with self._lock:
             builder = self._builders[blob_type]
             builder.add(blob_id, encoded, len(raw))
@@ -237,7 +279,7 @@ class Repository:
                 self.stats.tree_bytes_added += len(encoded)
             full = builder.size >= self.config.pack_size
             if full:
-                self._builders[blob_type] = PackBuilder(blob_type)
+                self._builders[blob_type] = PackBuilder(blob_type, self.cipher)
         if full:
             self._upload(builder)
         return len(encoded)
@@ -310,7 +352,7 @@ class Repository:
     def _write_index(self, batch: list[tuple[PackId, int, list[BlobEntry]]]) -> None:
         record = {"packs": [{"id": bytes(p), "size": size, "blobs": [e.to_row() for e in entries]}
                             for p, size, entries in batch]}
-        data = seal_object(Kind.INDEX, record)
+        data = seal_object(Kind.INDEX, record, self.cipher)
         name = digest(data)
         with self._index_lock:
             try:
@@ -329,7 +371,7 @@ class Repository:
         """Upload every open pack and index everything uploaded: all blobs become durable."""
         with self._lock:
             builders = [b for b in self._builders.values() if len(b)]
-            self._builders = {t: PackBuilder(t) for t in BlobType}
+            self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}
         for builder in builders:
             self._upload(builder)
         self._wait_for_uploads()
@@ -362,7 +404,7 @@ class Repository:
             stored = self.catalog.cached_tree(blob_id)
             if stored is not None:
                 try:
-                    return decode_blob(stored, blob_id, "the local tree cache")
+                    return decode_blob(stored, blob_id, "the local tree cache", self.cipher)
                 except IntegrityError:
                     pass  # a damaged cache entry: the pack has the real one
 
@@ -373,7 +415,7 @@ class Repository:
             stored = self.backend.get(key, entry.offset, entry.length)
         except ObjectNotFound as exc:
             raise IntegrityError(f"{key}: pack missing (needed for chunk {blob_id.short()})") from exc
-        return decode_blob(stored, blob_id, key)
+        return decode_blob(stored, blob_id, key, self.cipher)
 
     def _read_tree_pack(self, wanted: BlobEntry) -> bytes:
         """Fetch every tree blob of ``wanted``'s pack in one ranged GET and cache them all:
@@ -387,7 +429,8 @@ class Repository:
         except ObjectNotFound as exc:
             raise IntegrityError(f"{key}: pack missing (needed for tree {wanted.id.short()})") from exc
         view = memoryview(data)
-        raw = decode_blob(view[wanted.offset - start:wanted.offset - start + wanted.length], wanted.id, key)
+        raw = decode_blob(view[wanted.offset - start:wanted.offset - start + wanted.length], wanted.id, key,
+                          self.cipher)
         # Cached as stored and checked again on every read, like a GET from the pack.
         self._cache_trees((bytes(b.id), bytes(view[b.offset - start:b.offset - start + b.length]))
                           for b in blobs if b.type == BlobType.TREE)
@@ -398,11 +441,11 @@ class Repository:
     def save_snapshot(self, record: dict[str, Any], time: datetime) -> SnapshotInfo:
         """Make a snapshot visible: last, after every blob it needs is durable and indexed."""
         self.flush()
-        data = seal_object(Kind.SNAPSHOT, record)
+        data = seal_object(Kind.SNAPSHOT, record, self.cipher)
         snap_id = SnapshotId(digest(data))
         key = snapshot_key(time, snap_id)
         self.backend.put(key, data)
-        self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record)
+        self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record, data)
         if self._listed_snapshots is not None and (self._listed_snapshots + 1) % self.summary_every == 0:
             try:
                 self.write_summary()
@@ -425,8 +468,8 @@ class Repository:
             data = self.backend.get(key)
             if SnapshotId(digest(data)) != snap_id:
                 raise IntegrityError(f"{key}: snapshot record does not match its id (corrupted)")
-            record = open_object(Kind.SNAPSHOT, data, key)
-            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record)
+            record = open_object(Kind.SNAPSHOT, data, key, self.cipher)
+            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record, data)
         return SnapshotInfo(snap_id, key, time, record)
 
     def snapshots(self) -> list[SnapshotInfo]:
@@ -453,11 +496,11 @@ class Repository:
             return
         entries = []
         for snap in snaps:
-            sealed = seal_object(Kind.SNAPSHOT, snap.record)
-            if SnapshotId(digest(sealed)) != snap.id:  # written by another version: take its bytes
+            sealed = self.catalog.snapshot_sealed(snap.key)  # the record as stored
+            if sealed is None or SnapshotId(digest(sealed)) != snap.id:
                 sealed = self.backend.get(snap.key)
             entries.append([snap.key, sealed])
-        data = seal_object(Kind.SNAPSHOT_SUMMARY, {"snapshots": entries})
+        data = seal_object(Kind.SNAPSHOT_SUMMARY, {"snapshots": entries}, self.cipher)
         key = summary_key(snaps[-1].time, digest(data))
         older = [k for k, _ in self.backend.list(SUMMARY_PREFIX) if k < key]
         self.backend.put(key, data)
@@ -470,7 +513,7 @@ class Repository:
         if not summaries:
             return set()
         try:
-            record = open_object(Kind.SNAPSHOT_SUMMARY, self.backend.get(summaries[-1]), summaries[-1])
+            record = open_object(Kind.SNAPSHOT_SUMMARY, self.backend.get(summaries[-1]), summaries[-1], self.cipher)
         except (ObjectNotFound, IntegrityError, UnsupportedFormat):
             return set()  # deleted by a newer summary meanwhile, or damaged: read the records
         found = set()
@@ -480,7 +523,8 @@ class Repository:
             time, snap_id = parse_snapshot_key(key)
             if SnapshotId(digest(sealed)) != snap_id:
                 continue
-            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), open_object(Kind.SNAPSHOT, sealed, key))
+            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time),
+                                      open_object(Kind.SNAPSHOT, sealed, key, self.cipher), sealed)
             found.add(key)
         return found
 
@@ -515,7 +559,7 @@ class Repository:
         with self._lock:
             self._upload_error = None
             self._session_ids = set(self._uploaded)
-            self._builders = {t: PackBuilder(t) for t in BlobType}
+            self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}
 
 
 def _time_us(time: datetime) -> int:

@@ -36,7 +36,7 @@ from .chunker import CDC, chunk_stream, fixed_chunks
 from .errors import (
     BackendError, IntegrityError, ObjectNotFound, StorageFull, TargetError, TargetInUse, UsageError,
 )
-from .format import ChunkId, PackId, decode_blob, digest, display, pack_key
+from .format import ChunkId, PackId, decode_blob, display, pack_key
 from .packs import BlobEntry, coalesce
 from .pagemap import file_chunks
 from .repository import Repository, SnapshotInfo
@@ -205,7 +205,7 @@ def _cut(path: bytes, entry: Entry | None, repo: Repository) -> Iterator[tuple[C
         stream = (fixed_chunks(handle, entry["sqlite"]["page_size"]) if entry is not None and "page_map" in entry
                   else chunk_stream(handle, entry["chunker"] if entry else CDC, repo.config.chunker))
         for data in stream:
-            yield ChunkId(digest(data)), offset, len(data)
+            yield repo.chunk_id(data), offset, len(data)
             offset += len(data)
 
 
@@ -363,7 +363,7 @@ class _Writer:
                         data = os.pread(fd, length, offset)
                     except OSError:
                         data = b""
-                    if digest(data) != chunk:  # unreadable or changed since the plan: fetch it
+                    if self.repo.chunk_id(data) != chunk:  # unreadable or changed since the plan: fetch it
                         missing[chunk] = places
                         continue
                     self._place(data, places)
@@ -384,7 +384,7 @@ class _Writer:
             for blob in members:
                 stored = memoryview(data)[blob.offset - start:blob.offset - start + blob.length]
                 try:
-                    raw = decode_blob(stored, blob.id, key)
+                    raw = decode_blob(stored, blob.id, key, self.repo.cipher)
                 except IntegrityError as exc:
                     raise IntegrityError(f"{exc}; needed by {self._users([blob])}") from exc
                 self._place(raw, missing[blob.id])

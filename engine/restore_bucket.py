@@ -166,7 +166,7 @@ def _fetch_pack_blobs(repo: Repository, pack: PackId, entries: list[BlobEntry]) 
             raise IntegrityError(f"{key}: pack missing, needed by {len(members)} chunk(s)") from exc
         for entry in members:
             raw[entry.id] = decode_blob(memoryview(data)[entry.offset - start:entry.offset - start + entry.length],
-                                        entry.id, key)
+                                        entry.id, key, repo.cipher)
     return raw
 
 
@@ -193,4 +193,5 @@ def _fetch_run(repo: Repository, run: list[BlobEntry], file: FilePlan) -> Iterat
     except ObjectNotFound as exc:
         raise IntegrityError(f"{key}: pack missing, needed by {display(file.rel)}") from exc
     for entry in run:
-        yield decode_blob(memoryview(data)[entry.offset - start:entry.offset - start + entry.length], entry.id, key)
+        yield decode_blob(memoryview(data)[entry.offset - start:entry.offset - start + entry.length], entry.id, key,
+                          repo.cipher)

@@ -27,7 +27,7 @@ from .chunker import CDC, chunk_stream
 from .clubcheck import Expected, expected_blobs
 from .consistency import CLUB_DB, Cut, consistent_cut
 from .errors import EngineError, SourceError
-from .format import ID_SIZE, BlobType, ChunkId, digest, display
+from .format import ID_SIZE, BlobType, ChunkId, display
 from .repository import Repository, SnapshotInfo, WriteStats
 from .backends.s3 import ObjectInfo, S3Backend
 from .errors import ObjectNotFound
@@ -280,7 +280,7 @@ class _SnapshotBuilder:
     def _store_pages(self, pages: list[bytes]) -> tuple[bytes, int, int]:
         """Hash a batch of pages and store the new ones with one index lookup; returns
         their ids in page order, and how many were stored in how many bytes."""
-        ids = [ChunkId(digest(page)) for page in pages]
+        ids = [self.repo.chunk_id(page) for page in pages]
         stored, stored_bytes = self.repo.add_blobs(BlobType.DATA, dict(zip(ids, pages)))
         return b"".join(ids), stored, stored_bytes
 
@@ -447,7 +447,7 @@ class _TreeBatch:
         self.blobs: dict[ChunkId, bytes] = {}
 
     def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
-        blob_id = blob_id or ChunkId(digest(raw))
+        blob_id = blob_id or self.repo.chunk_id(raw)
         self.blobs[blob_id] = raw
         return blob_id
 

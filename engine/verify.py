@@ -70,7 +70,7 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
                 data = repo.backend.get(key)
                 if digest(data).hex() != name_of(key):
                     raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-                open_object(kind, data, key)
+                open_object(kind, data, key, repo.cipher)
             except EngineError as exc:
                 report.errors.append(str(exc))
     for key, _ in repo.backend.list(SUMMARY_PREFIX):
@@ -80,7 +80,7 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
             data = repo.backend.get(key)
             if digest(data).hex() != key.rsplit("_", 1)[-1]:
                 raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-            open_object(Kind.SNAPSHOT_SUMMARY, data, key)
+            open_object(Kind.SNAPSHOT_SUMMARY, data, key, repo.cipher)
         except EngineError as exc:
             report.warnings.append(f"{exc} (a snapshot summary: listing falls back to the records)")
 
@@ -156,7 +156,7 @@ def _read_packs(repo: Repository, report: CheckReport, subset: float | None,
     for number, pack in enumerate(packs, 1):
         key = pack_key(pack)
         try:
-            verify_pack(repo.backend.get(key), pack)
+            verify_pack(repo.backend.get(key), pack, repo.cipher)
         except EngineError as exc:
             report.errors.append(str(exc))
             bad |= _bad_blobs(repo, pack)
@@ -171,7 +171,7 @@ def _bad_blobs(repo: Repository, pack: PackId) -> set[ChunkId]:
     bad = set()
     for entry in repo.catalog.blobs_in_pack(pack):
         try:
-            decode_blob(repo.backend.get(pack_key(pack), entry.offset, entry.length), entry.id, "")
+            decode_blob(repo.backend.get(pack_key(pack), entry.offset, entry.length), entry.id, pack_key(pack), repo.cipher)
         except EngineError:
             bad.add(entry.id)
     return bad

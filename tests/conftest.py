@@ -18,6 +18,7 @@ from engine import Repository, open_backend
 from benchmarks.s3support import MotoServer
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_PASSWORD = "correct horse battery staple"
 
 
 class Clock:
@@ -32,6 +33,20 @@ class Clock:
     def advance(self, **delta: float) -> datetime:
         self.current += timedelta(**delta)
         return self.current
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_password() -> Iterator[None]:
+    """Every clubsnap process the tests start (through `cli` or their own Popen) gets the
+    test password and a cheap KDF: `init` encrypts by default."""
+    saved = {name: os.environ.get(name) for name in ("CLUBSNAP_PASSWORD", "CLUBSNAP_KDF_COST")}
+    os.environ.update({"CLUBSNAP_PASSWORD": TEST_PASSWORD, "CLUBSNAP_KDF_COST": "10"})
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture
@@ -62,8 +77,8 @@ def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 
     def run(*args: str, repo: Path | None = None, timeout: float = 300,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "CLUBSNAP_CACHE_DIR": str(tmp_path / "cli-cache"),
-                    "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env = {**os.environ, "CLUBSNAP_CACHE_DIR": str(tmp_path / "cli-cache"), "PYTHONPATH": str(ROOT),
+                    **(env or {})}
         if repo is not None:
             full_env["CLUBSNAP_REPO"] = str(repo)
         return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,

@@ -23,7 +23,7 @@ from engine.packs import read_trailer
 from engine.snapshot import SnapshotOptions
 
 from benchmarks.clubstate import club_state
-from .conftest import ROOT, Clock
+from .conftest import ROOT, Clock, TEST_PASSWORD
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -97,16 +97,16 @@ def test_killed_runs_upload_is_reused(cli: Cli, tmp_path: Path, clock: Clock) ->
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    before = Repository.open(FsBackend(repo), tmp_path / "inspect-1")
+    before = Repository.open(FsBackend(repo), tmp_path / "inspect-1", lambda: TEST_PASSWORD.encode())
     before.sync_index()
     indexed = {e.id for p in before.catalog.packs() for e in before.catalog.blobs_in_pack(p)}
     before.close()
     assert indexed
 
     assert cli("snapshot", str(data), repo=repo).returncode == 0
-    after = Repository.open(FsBackend(repo), tmp_path / "inspect-2")
+    after = Repository.open(FsBackend(repo), tmp_path / "inspect-2", lambda: TEST_PASSWORD.encode())
     stored = [e.id for key, size in after.backend.list(DATA_PREFIX)
-              for e in read_trailer(after.backend, PackId.from_hex(key.rsplit("/", 1)[-1]), size)]
+              for e in read_trailer(after.backend, PackId.from_hex(key.rsplit("/", 1)[-1]), size, after.cipher)]
     after.close()
     assert all(stored.count(chunk) == 1 for chunk in indexed)
 

@@ -52,8 +52,11 @@ def test_reader_refuses_unknown_version_flags_kind_and_magic() -> None:
     newer = bytes(sealed[:4]) + bytes([fmt.FORMAT_VERSION + 1]) + bytes(sealed[5:])
     with pytest.raises(UnsupportedFormat, match="format version"):
         fmt.open_object(fmt.Kind.CONFIG, newer, "t")
-    encrypted = bytes(sealed[:6]) + bytes([fmt.Flag.ENCRYPTED]) + bytes(sealed[7:])
+    unknown = bytes(sealed[:6]) + bytes([0x80]) + bytes(sealed[7:])
     with pytest.raises(UnsupportedFormat, match="flags"):
+        fmt.open_object(fmt.Kind.CONFIG, unknown, "t")
+    encrypted = bytes(sealed[:6]) + bytes([fmt.Flag.ENCRYPTED]) + bytes(sealed[7:])
+    with pytest.raises(IntegrityError, match="without a key"):
         fmt.open_object(fmt.Kind.CONFIG, encrypted, "t")
     with pytest.raises(IntegrityError, match="expected a snapshot"):
         fmt.open_object(fmt.Kind.SNAPSHOT, bytes(sealed), "t")
