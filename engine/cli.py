@@ -479,14 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "$CLUBSNAP_KDF_COST)")
     p = add("key", cmd_key, "manage the key slots (passwords) of an encrypted repository")
     keys_sub = p.add_subparsers(dest="key_command", required=True)
-    keys_sub.add_parser("list", help="list the key slots; * marks the one this password opens")
+    keys_sub.add_parser("list", parents=[common], help="list the key slots; * marks the one this password opens")
     for name, text in (("add", "add a password (a new slot wrapping the same master key)"),
                        ("passwd", "change this password: add a new slot, then remove this one")):
-        q = keys_sub.add_parser(name, help=text)
+        q = keys_sub.add_parser(name, parents=[common], help=text)
         q.add_argument("--new-password-file", help="the new password's file (default: $CLUBSNAP_NEW_PASSWORD_FILE, "
                                                    "$CLUBSNAP_NEW_PASSWORD, or a prompt)")
         q.add_argument("--kdf-cost", help="log2 of scrypt's N (default: calibrated to ~0.5 s)")
-    q = keys_sub.add_parser("remove", help="remove a key slot (not the one this password opens)")
+    q = keys_sub.add_parser("remove", parents=[common], help="remove a key slot (not the one this password opens)")
     q.add_argument("slot", help="slot id or a unique prefix")
     p = add("snapshot", cmd_snapshot, "take a snapshot of a club data directory")
     p.add_argument("data_dir")

@@ -85,14 +85,17 @@ def list_slots(backend: Backend) -> list[KeySlot]:
     return slots
 
 
-def unlock(backend: Backend, password: Callable[[], bytes], opens: Callable[[bytes], bool]) -> tuple[bytes, KeySlot]:
+def unlock(backend: Backend, password: Callable[[], bytes], opens: Callable[[bytes], bool],
+           what: str) -> tuple[bytes, KeySlot]:
     """The master key the password unwraps from a slot, and that slot; ``opens(master)``
-    confirms it is this repository's. ``WrongPassword`` if no slot yields one. Costs one
-    KDF run per slot tried."""
+    confirms it is this repository's by opening ``what`` (the config). ``WrongPassword`` if
+    no slot opens with the password; ``IntegrityError`` if one does but ``what`` does not
+    authenticate under its key. Costs one KDF run per slot tried."""
     slots = list_slots(backend)
     if not slots:
         raise IntegrityError(f"{backend.location}: the repository is encrypted but has no key slot (keys/ is empty)")
     secret = password()
+    unwrapped = False
     for slot in slots:
         try:
             master = _unwrap(slot, secret)
@@ -100,7 +103,11 @@ def unlock(backend: Backend, password: Callable[[], bytes], opens: Callable[[byt
             continue
         if opens(master):
             return master, slot
-    raise WrongPassword(f"wrong password: none of the {len(slots)} key slot(s) of {backend.location} opens with it")
+        unwrapped = True  # a slot left by another repository's failed init, or a damaged config
+    if unwrapped:
+        raise IntegrityError(f"{what}: authentication failed under the key the password unwraps (modified or damaged)")
+    raise WrongPassword(f"wrong password: none of the {len(slots)} key slot(s) of {backend.location} opens with it "
+                        f"(or they were damaged)")
 
 
 def remove_slot(backend: Backend, slot_id: str, current: KeySlot) -> KeySlot:

@@ -92,8 +92,6 @@ def read_trailer(backend: Backend, pack_id: PackId, size: int, cipher: Cipher = 
 def verify_pack(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[BlobEntry]:
     """Check a whole pack read back from storage: its hash, header, trailer and blobs."""
     key = pack_key(pack_id)
-    if digest(data) != pack_id:
-        raise IntegrityError(f"{key}: pack content does not match its name (corrupted)")
     magic, version = PACK_HEADER.unpack_from(data)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"{key}: bad pack magic")
@@ -104,8 +102,10 @@ def verify_pack(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[Bl
     start = len(data) - PACK_FOOTER.size - trailer_length
     rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key, cipher)
     entries = [BlobEntry.from_row(pack_id, row) for row in rows]
-    for entry in entries:
+    for entry in entries:  # each blob authenticated (when encrypted) and hash-checked
         decode_blob(memoryview(data)[entry.offset:entry.offset + entry.length], entry.id, key, cipher)
+    if digest(data) != pack_id:  # what is left: bytes between blobs, the header, the footer
+        raise IntegrityError(f"{key}: pack content does not match its name (corrupted)")
     return entries
 
 

@@ -172,7 +172,7 @@ class Repository:
                 except IntegrityError:
                     return False  # a slot left by a failed init of another repository here
 
-            master, slot = keys.unlock(backend, password, opens_config)
+            master, slot = keys.unlock(backend, password, opens_config, what)
             cipher = Cipher(master)
         record = open_object(Kind.CONFIG, data, what, cipher)
         if record.get("encryption", "none") not in ("none", SCHEME) or (
@@ -213,9 +213,9 @@ class Repository:
     def _load_index_object(self, name: str) -> None:
         key = f"{INDEX_PREFIX}{name}"
         data = self.backend.get(key)
+        record = open_object(Kind.INDEX, data, key, self.cipher)  # authenticated first, when encrypted
         if digest(data).hex() != name:
             raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-        record = open_object(Kind.INDEX, data, key, self.cipher)
         packs: dict[PackId, int] = {}
         entries: list[BlobEntry] = []
         for pack in record["packs"]:
@@ -466,9 +466,9 @@ class Repository:
         record = self.catalog.snapshot_record(key)
         if record is None:
             data = self.backend.get(key)
+            record = open_object(Kind.SNAPSHOT, data, key, self.cipher)
             if SnapshotId(digest(data)) != snap_id:
                 raise IntegrityError(f"{key}: snapshot record does not match its id (corrupted)")
-            record = open_object(Kind.SNAPSHOT, data, key, self.cipher)
             self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record, data)
         return SnapshotInfo(snap_id, key, time, record)
 

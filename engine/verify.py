@@ -68,9 +68,9 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
         for key, _ in repo.backend.list(prefix):
             try:
                 data = repo.backend.get(key)
+                open_object(kind, data, key, repo.cipher)  # authenticated first, when encrypted
                 if digest(data).hex() != name_of(key):
                     raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-                open_object(kind, data, key, repo.cipher)
             except EngineError as exc:
                 report.errors.append(str(exc))
     for key, _ in repo.backend.list(SUMMARY_PREFIX):
@@ -78,9 +78,9 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
         # a damaged one is worth a warning, not a failed check.
         try:
             data = repo.backend.get(key)
+            open_object(Kind.SNAPSHOT_SUMMARY, data, key, repo.cipher)
             if digest(data).hex() != key.rsplit("_", 1)[-1]:
                 raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-            open_object(Kind.SNAPSHOT_SUMMARY, data, key, repo.cipher)
         except EngineError as exc:
             report.warnings.append(f"{exc} (a snapshot summary: listing falls back to the records)")
 
