@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-s3 clean
+.PHONY: demo test bench bench-s3 bench-encryption clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ bench: $(VENV)/.installed
 # 500 snapshots); rewrites docs/benchmarks-s3.md and benchmarks/results/s3.json.
 bench-s3: $(VENV)/.installed
 	$(PY) -m benchmarks.s3 $(BENCH_ARGS)
+
+# The same steps with encryption off and on (small data set); rewrites
+# docs/benchmarks-encryption.md and benchmarks/results/encryption.json.
+bench-encryption: $(VENV)/.installed
+	$(PY) -m benchmarks.encryption $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-work bench-work
