@@ -78,8 +78,8 @@ def _read_password(args: argparse.Namespace, new: bool = False, confirm: bool = 
                 secret = handle.read().rstrip(b"\r\n")
         except OSError as exc:
             raise errors.UsageError(f"cannot read the password file {path}: {exc.strerror}") from exc
-    elif os.environ.get(prefix):
-        secret = os.environ[prefix].encode()
+    elif os.environb.get(prefix.encode()):
+        secret = os.environb[prefix.encode()]  # bytes: a password need not be UTF-8
     elif sys.stdin.isatty():
         import getpass
 
@@ -196,7 +196,8 @@ def cmd_key(args: argparse.Namespace) -> int:
     if args.key_command == "list":
         slots = keys.list_slots(backend)
         rows = [{"id": s.slot_id, "current": s.slot_id == current.slot_id, "created": s.created, "host": s.host,
-                 "kdf": f"scrypt N=2^{s.log2_n} r={s.record.get('r')} p={s.record.get('p')}"} for s in slots]
+                 "kdf": f"DAMAGED: {s.damaged}" if s.damaged else
+                 f"scrypt N=2^{s.log2_n} r={s.record.get('r')} p={s.record.get('p')}"} for s in slots]
         _emit(args, {"slots": rows}, "\n".join(f"{'*' if r['current'] else ' '} {r['id']}  {r['created']}  "
                                                  f"{r['host']}  {r['kdf']}" for r in rows))
         return 0

@@ -22,13 +22,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .backend import Backend
-from .errors import EngineError, IntegrityError, UsageError, WrongPassword
+from .errors import IntegrityError, UsageError, WrongPassword
 from .format import KEYS_PREFIX, Kind, open_object, seal_object
 
 MASTER_KEY_SIZE = 32
 SCRYPT_R, SCRYPT_P = 8, 1
 TARGET_KDF_SECONDS = 0.5
-MIN_LOG2_N, MAX_LOG2_N = 10, 22  # scrypt's memory is 128 * r * n bytes: 1 MiB .. 4 GiB
+MIN_LOG2_N, MAX_LOG2_N = 10, 19  # scrypt's memory is 128 * r * n bytes: 1 MiB .. 512 MiB at r = 8
+MAX_R, MAX_P = 8, 4  # a slot asking for more is refused: a crafted one must not cost minutes
+MAX_SLOTS_TRIED = 32
 WRAP_CONTEXT = b"clubsnap key slot"
 
 
@@ -36,6 +38,7 @@ WRAP_CONTEXT = b"clubsnap key slot"
 class KeySlot:
     slot_id: str
     record: dict[str, Any]
+    damaged: str | None = None  # why the slot cannot be used (it is listed, and removable)
 
     @property
     def created(self) -> str:
@@ -47,7 +50,7 @@ class KeySlot:
 
     @property
     def log2_n(self) -> int:
-        return int(self.record["n"]).bit_length() - 1
+        return int(self.record.get("n", 1)).bit_length() - 1
 
 
 def calibrate(target_s: float = TARGET_KDF_SECONDS) -> int:
@@ -78,11 +81,36 @@ def add_slot(backend: Backend, master_key: bytes, password: bytes, log2_n: int, 
 
 
 def list_slots(backend: Backend) -> list[KeySlot]:
+    """Every slot; one that cannot be read or is implausible is listed as damaged (so that
+    it neither blocks the others nor escapes removal)."""
     slots = []
     for key, _ in sorted(backend.list(KEYS_PREFIX)):
-        record = open_object(Kind.KEY_SLOT, backend.get(key), key)
-        slots.append(KeySlot(key[len(KEYS_PREFIX):], record))
+        slot_id = key[len(KEYS_PREFIX):]
+        try:
+            record = open_object(Kind.KEY_SLOT, backend.get(key), key)
+            problem = _implausible(record)
+        except IntegrityError as exc:
+            record, problem = {}, str(exc)
+        slots.append(KeySlot(slot_id, record if isinstance(record, dict) else {}, problem))
     return slots
+
+
+def _implausible(record: Any) -> str | None:
+    """Why a slot record cannot be used as written by this version, or None."""
+    if not isinstance(record, dict):
+        return "not a key slot record"
+    if record.get("kdf") != "scrypt":
+        return f"unknown key derivation {record.get('kdf')!r}"
+    n, r, p = record.get("n"), record.get("r"), record.get("p")
+    if not all(isinstance(v, int) for v in (n, r, p)):
+        return "scrypt parameters missing"
+    assert isinstance(n, int) and isinstance(r, int) and isinstance(p, int)
+    if not (1 << MIN_LOG2_N <= n <= 1 << MAX_LOG2_N and n & (n - 1) == 0 and 1 <= r <= MAX_R and 1 <= p <= MAX_P):
+        return f"implausible scrypt parameters (n={n}, r={r}, p={p})"
+    lengths = {"salt": 16, "nonce": 12, "wrapped": MASTER_KEY_SIZE + 16}
+    if any(not isinstance(record.get(k), bytes) or len(record[k]) != size for k, size in lengths.items()):
+        return "salt, nonce or wrapped key malformed"
+    return None
 
 
 def unlock(backend: Backend, password: Callable[[], bytes], opens: Callable[[bytes], bool],
@@ -96,7 +124,7 @@ def unlock(backend: Backend, password: Callable[[], bytes], opens: Callable[[byt
         raise IntegrityError(f"{backend.location}: the repository is encrypted but has no key slot (keys/ is empty)")
     secret = password()
     unwrapped = False
-    for slot in slots:
+    for slot in [s for s in slots if s.damaged is None][:MAX_SLOTS_TRIED]:
         try:
             master = _unwrap(slot, secret)
         except InvalidTag:
@@ -105,9 +133,11 @@ def unlock(backend: Backend, password: Callable[[], bytes], opens: Callable[[byt
             return master, slot
         unwrapped = True  # a slot left by another repository's failed init, or a damaged config
     if unwrapped:
-        raise IntegrityError(f"{what}: authentication failed under the key the password unwraps (modified or damaged)")
-    raise WrongPassword(f"wrong password: none of the {len(slots)} key slot(s) of {backend.location} opens with it "
-                        f"(or they were damaged)")
+        raise IntegrityError(f"{what}: authentication failed under the key this password unwraps (modified or "
+                             f"damaged; or the password opens only a slot left by a failed init)")
+    damaged = sum(1 for s in slots if s.damaged)
+    raise WrongPassword(f"wrong password: none of the {len(slots) - damaged} usable key slot(s) of {backend.location} "
+                        f"opens with it" + (f" ({damaged} damaged slot(s): see 'key list')" if damaged else ""))
 
 
 def remove_slot(backend: Backend, slot_id: str, current: KeySlot) -> KeySlot:
@@ -124,19 +154,15 @@ def remove_slot(backend: Backend, slot_id: str, current: KeySlot) -> KeySlot:
 
 
 def _unwrap(slot: KeySlot, password: bytes) -> bytes:
+    """The master key; ``InvalidTag`` if the password is not this slot's (or it was
+    altered). Only plausible slots (``_implausible``) come here."""
     record = slot.record
-    if record.get("kdf") != "scrypt":
-        raise EngineError(f"key slot {slot.slot_id}: unknown key derivation {record.get('kdf')!r}")
-    try:
-        n, r, p = int(record["n"]), int(record["r"]), int(record["p"])
-        salt, nonce, wrapped = bytes(record["salt"]), bytes(record["nonce"]), bytes(record["wrapped"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"key slot {slot.slot_id}: damaged ({exc})") from exc
-    if not (1 << MIN_LOG2_N <= n <= 1 << MAX_LOG2_N and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 16):
-        raise IntegrityError(f"key slot {slot.slot_id}: implausible scrypt parameters (n={n}, r={r}, p={p})")
-    master: bytes = AESGCM(_derive(password, salt, n, r, p)).decrypt(nonce, wrapped, WRAP_CONTEXT)
+    kek = _derive(password, record["salt"], record["n"], record["r"], record["p"])
+    master: bytes = AESGCM(kek).decrypt(record["nonce"], record["wrapped"], WRAP_CONTEXT)
     return master
 
 
 def _derive(password: bytes, salt: bytes, n: int, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
-    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=256 * r * n + (1 << 20), dklen=32)
+    # hashlib needs maxmem above 128 * r * n (and below 2^31).
+    return hashlib.scrypt(password, salt=salt, n=n, r=r, p=p, maxmem=min(2**31 - 1, 130 * r * n + (4 << 20)),
+                          dklen=32)

@@ -40,8 +40,11 @@ class BlobEntry:
 
     @classmethod
     def from_row(cls, pack: PackId, row: list[Any]) -> "BlobEntry":
-        blob_id, blob_type, offset, length, raw_length = row
-        return cls(ChunkId(blob_id), BlobType(blob_type), pack, int(offset), int(length), int(raw_length))
+        try:
+            blob_id, blob_type, offset, length, raw_length = row
+            return cls(ChunkId(blob_id), BlobType(blob_type), pack, int(offset), int(length), int(raw_length))
+        except (TypeError, ValueError) as exc:
+            raise IntegrityError(f"{pack_key(pack)}: malformed blob entry ({exc})") from exc
 
 
 class PackBuilder:
@@ -92,6 +95,10 @@ def read_trailer(backend: Backend, pack_id: PackId, size: int, cipher: Cipher = 
 def verify_pack(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[BlobEntry]:
     """Check a whole pack read back from storage: its hash, header, trailer and blobs."""
     key = pack_key(pack_id)
+    if digest(data) != pack_id:
+        raise IntegrityError(f"{key}: pack content does not match its name (corrupted)")
+    if len(data) < PACK_HEADER.size + PACK_FOOTER.size:
+        raise IntegrityError(f"{key}: too short to be a pack")
     magic, version = PACK_HEADER.unpack_from(data)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"{key}: bad pack magic")
@@ -104,8 +111,6 @@ def verify_pack(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[Bl
     entries = [BlobEntry.from_row(pack_id, row) for row in rows]
     for entry in entries:  # each blob authenticated (when encrypted) and hash-checked
         decode_blob(memoryview(data)[entry.offset:entry.offset + entry.length], entry.id, key, cipher)
-    if digest(data) != pack_id:  # what is left: bytes between blobs, the header, the footer
-        raise IntegrityError(f"{key}: pack content does not match its name (corrupted)")
     return entries
 
 

@@ -136,19 +136,27 @@ class Repository:
         slot = None
         try:
             backend.prepare_for_init()
+            try:
+                backend.stat(CONFIG_KEY)
+                raise RepositoryExists(f"{backend.location}/{CONFIG_KEY} already exists: "
+                                       f"a clubsnap repository is there")
+            except ObjectNotFound:
+                pass  # the exclusive put below still settles a race with another init
             if password is not None and cipher.master_key is not None:
                 # The slot first: a config without a slot would be a repository nobody opens.
                 slot = keys.add_slot(backend, cipher.master_key, password,
                                      kdf_log2_n if kdf_log2_n is not None else keys.calibrate(), host)
-            try:
-                backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record(), cipher), exclusive=True)
-            except RepositoryExists:
-                if slot is not None:
-                    backend.delete(KEYS_PREFIX + slot.slot_id)
-                raise
+            backend.put(CONFIG_KEY, seal_object(Kind.CONFIG, config.to_record(), cipher), exclusive=True)
         except BaseException:
+            if slot is not None:
+                try:
+                    backend.delete(KEYS_PREFIX + slot.slot_id)
+                except EngineError:
+                    pass  # a stray slot is harmless: unlock keeps only a key that opens the config
             catalog.close()
             raise
+        if cipher.encrypted:
+            _remember_encrypted(cache_root, backend.location)
         return cls(backend, config, catalog, cipher, slot)
 
     @classmethod
@@ -174,6 +182,12 @@ class Repository:
 
             master, slot = keys.unlock(backend, password, opens_config, what)
             cipher = Cipher(master)
+            _remember_encrypted(cache_root, backend.location)
+        elif _was_encrypted(cache_root, backend.location) or any(True for _ in backend.list(KEYS_PREFIX)):
+            # A plain config beside key slots, or where this host knew an encrypted one: it
+            # was replaced, and writing on would store the next snapshots in the clear.
+            raise IntegrityError(f"{what}: not encrypted, but the repository is (the config was replaced?); "
+                                 f"refusing to read or write it")
         record = open_object(Kind.CONFIG, data, what, cipher)
         if record.get("encryption", "none") not in ("none", SCHEME) or (
                 (record.get("encryption", "none") == SCHEME) != cipher.encrypted):
@@ -469,6 +483,7 @@ class Repository:
             record = open_object(Kind.SNAPSHOT, data, key, self.cipher)
             if SnapshotId(digest(data)) != snap_id:
                 raise IntegrityError(f"{key}: snapshot record does not match its id (corrupted)")
+            check_snapshot_time(key, record)
             self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record, data)
         return SnapshotInfo(snap_id, key, time, record)
 
@@ -523,8 +538,9 @@ class Repository:
             time, snap_id = parse_snapshot_key(key)
             if SnapshotId(digest(sealed)) != snap_id:
                 continue
-            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time),
-                                      open_object(Kind.SNAPSHOT, sealed, key, self.cipher), sealed)
+            snapshot = open_object(Kind.SNAPSHOT, sealed, key, self.cipher)
+            check_snapshot_time(key, snapshot)
+            self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), snapshot, sealed)
             found.add(key)
         return found
 
@@ -560,6 +576,43 @@ class Repository:
             self._upload_error = None
             self._session_ids = set(self._uploaded)
             self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}
+
+
+def check_snapshot_time(key: str, record: dict[str, Any]) -> None:
+    """The time in a snapshot's key is not covered by its id (the id hashes the record),
+    so it is held to the record's own, authenticated, time: a copy under another time
+    must not pass for a newer snapshot."""
+    try:
+        recorded = datetime.fromisoformat(str(record["time"]))
+    except (KeyError, ValueError) as exc:
+        raise IntegrityError(f"{key}: snapshot record has no valid time") from exc
+    if recorded != parse_snapshot_key(key)[0]:
+        raise IntegrityError(f"{key}: the time in the name differs from the record's ({recorded.isoformat()})")
+
+
+ENCRYPTED_LOCATIONS = "encrypted-locations"  # in the cache root: locations known to be encrypted
+
+
+def _location_mark(location: str) -> str:
+    return digest(location.encode()).hex()
+
+
+def _remember_encrypted(cache_root: Path, location: str) -> None:
+    try:
+        path = cache_root / ENCRYPTED_LOCATIONS
+        if not _was_encrypted(cache_root, location):
+            cache_root.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as handle:
+                handle.write(_location_mark(location) + "\n")
+    except OSError:
+        pass  # a memory only: the key slots in the repository are the main guard
+
+
+def _was_encrypted(cache_root: Path, location: str) -> bool:
+    try:
+        return _location_mark(location) in (cache_root / ENCRYPTED_LOCATIONS).read_text().split()
+    except OSError:
+        return False
 
 
 def _time_us(time: datetime) -> int:

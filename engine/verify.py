@@ -21,7 +21,7 @@ from .format import (
 )
 from .packs import verify_pack
 from .pagemap import file_chunks
-from .repository import Repository, SnapshotInfo
+from .repository import Repository, check_snapshot_time, SnapshotInfo
 from .tree import Entry, load_tree, walk
 
 
@@ -68,9 +68,11 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
         for key, _ in repo.backend.list(prefix):
             try:
                 data = repo.backend.get(key)
-                open_object(kind, data, key, repo.cipher)  # authenticated first, when encrypted
+                record = open_object(kind, data, key, repo.cipher)  # authenticated first, when encrypted
                 if digest(data).hex() != name_of(key):
                     raise IntegrityError(f"{key}: content does not match its name (corrupted)")
+                if kind == Kind.SNAPSHOT:
+                    check_snapshot_time(key, record)
             except EngineError as exc:
                 report.errors.append(str(exc))
     for key, _ in repo.backend.list(SUMMARY_PREFIX):

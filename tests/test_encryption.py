@@ -168,3 +168,54 @@ def test_a_plain_object_in_an_encrypted_repository_is_refused(cli: Cli, tmp_path
     (repo / key).write_bytes(forged)
     result = cli("snapshots", repo=repo, env={"CLUBSNAP_CACHE_DIR": str(tmp_path / "fresh")})
     assert result.returncode == 12 and "not encrypted" in result.stderr, result.stderr
+
+
+def test_a_plain_config_replacing_an_encrypted_one_is_refused(cli: Cli, tmp_path: Path, marked_data: Path) -> None:
+    """Downgrade: with write access, an attacker swaps in a plain config (and hides the
+    snapshots); the next snapshot must not be stored in the clear."""
+    from engine.format import Kind, seal_object
+
+    repo = tmp_path / "repo"
+    _ok(cli("init", repo=repo))
+    _ok(cli("snapshot", str(marked_data), repo=repo))
+    config = {"version": 3, "id": "0" * 32, "created": "2026-01-01T00:00:00+00:00", "pack_size": 16 << 20,
+              "encryption": "none", "chunker": {"cdc_min": 131072, "cdc_avg": 524288, "cdc_max": 2097152,
+                                                "page_chunk": 16384}}
+    (repo / "config").write_bytes(seal_object(Kind.CONFIG, config))
+    before = _repository_bytes(repo)
+    line = _one_line(cli("snapshot", str(marked_data), repo=repo, env={"CLUBSNAP_CACHE_DIR": str(tmp_path / "c2")}), 12)
+    assert "not encrypted" in line
+    # Even with the key slots deleted too, a host that knew the repository as encrypted refuses.
+    for slot in (repo / "keys").iterdir():
+        slot.unlink()
+    line = _one_line(cli("snapshot", str(marked_data), repo=repo), 12)
+    assert "not encrypted" in line
+    assert all(MARKER not in data for _, data in _repository_bytes(repo)) and len(before) > 0
+
+
+def test_a_snapshot_copied_under_a_later_time_is_refused(cli: Cli, tmp_path: Path, marked_data: Path) -> None:
+    repo = tmp_path / "repo"
+    _ok(cli("init", repo=repo))
+    _ok(cli("snapshot", str(marked_data), repo=repo))
+    (record,) = (repo / "snapshots").iterdir()
+    stamp, snap_id = record.name.split("_")
+    (repo / "snapshots" / f"20991231T000000.000000Z_{snap_id}").write_bytes(record.read_bytes())
+    line = _one_line(cli("snapshots", repo=repo, env={"CLUBSNAP_CACHE_DIR": str(tmp_path / "fresh")}), 12)
+    assert "time in the name differs" in line
+    result = cli("check", repo=repo)
+    assert result.returncode == 18 and "time in the name differs" in result.stdout
+
+
+def test_a_damaged_key_slot_neither_blocks_the_others_nor_stays(cli: Cli, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _ok(cli("init", repo=repo))
+    (repo / "keys" / "0000000000000000").write_bytes(b"not a key slot at all")
+    _ok(cli("snapshots", repo=repo))
+    listed = json.loads(_ok(cli("key", "list", "--json", repo=repo)).stdout)["slots"]
+    damaged = [s for s in listed if str(s["kdf"]).startswith("DAMAGED")]
+    assert [s["id"] for s in damaged] == ["0000000000000000"]
+    _ok(cli("key", "remove", "0000000000000000", repo=repo))
+    line = _one_line(cli("init", repo=repo, env={"CLUBSNAP_KDF_COST": "25"}), 10)  # exists: checked first
+    assert "already exists" in line
+    line = _one_line(cli("init", repo=tmp_path / "other", env={"CLUBSNAP_KDF_COST": "25"}), 2)
+    assert "scrypt cost" in line
