@@ -116,10 +116,6 @@ def display(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def chunk_id(data: bytes | memoryview) -> ChunkId:
-    return ChunkId(blake3.blake3(data).digest())
-
-
 def digest(data: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 

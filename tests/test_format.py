@@ -77,16 +77,16 @@ def test_incompressible_blobs_are_stored_raw() -> None:
 def test_blob_decode_checks_the_hash() -> None:
     raw = b"hello club" * 100
     stored = bytearray(fmt.encode_blob(raw))
-    assert fmt.decode_blob(bytes(stored), fmt.chunk_id(raw), "t") == raw
+    assert fmt.decode_blob(bytes(stored), fmt.ChunkId(fmt.digest(raw)), "t") == raw
     with pytest.raises(IntegrityError):
-        fmt.decode_blob(bytes(stored), fmt.chunk_id(b"other"), "t")
+        fmt.decode_blob(bytes(stored), fmt.ChunkId(fmt.digest(b"other")), "t")
 
 
 def test_pack_trailer_rebuilds_the_index(tmp_path: Path) -> None:
     builder = packs.PackBuilder(fmt.BlobType.DATA)
     raws = [bytes([i]) * (1000 + i) for i in range(5)]
     for raw in raws:
-        builder.add(fmt.chunk_id(raw), fmt.encode_blob(raw), len(raw))
+        builder.add(fmt.ChunkId(fmt.digest(raw)), fmt.encode_blob(raw), len(raw))
     pack_id, data, entries = builder.finish()
     backend = FsBackend(tmp_path)
     backend.put(fmt.pack_key(pack_id), data)
@@ -140,3 +140,27 @@ def test_spec_tables_list_exactly_the_record_fields(tmp_path: Path) -> None:
     bucket_only = {"blobs_requests"}  # present with a bucket source only
     assert sorted(set(re.findall(r"`(\w+)`", stats_row)[1:]) - bucket_only) == sorted(record["stats"])
     repo.close()
+
+
+def test_encrypted_blobs_and_objects_are_bound_to_their_id_and_header() -> None:
+    import os
+
+    from engine.crypto import Cipher
+
+    cipher = Cipher(os.urandom(32))
+    raw = b"page " * 500
+    blob_id = fmt.ChunkId(cipher.chunk_id(raw))
+    assert blob_id != fmt.ChunkId(fmt.digest(raw))  # keyed ids
+    stored = fmt.encode_blob(raw, blob_id, cipher)
+    assert raw[:40] not in stored and fmt.decode_blob(stored, blob_id, "t", cipher) == raw
+    other = fmt.ChunkId(cipher.chunk_id(b"another page"))
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        fmt.decode_blob(stored, other, "t", cipher)  # moved under another id
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        fmt.decode_blob(stored, blob_id, "t", Cipher(os.urandom(32)))  # another repository's key
+    sealed = bytearray(fmt.seal_object(fmt.Kind.INDEX, {"packs": []}, cipher))
+    assert fmt.open_object(fmt.Kind.INDEX, bytes(sealed), "t", cipher) == {"packs": []}
+    sealed[5] = fmt.Kind.SNAPSHOT  # the kind is associated data: relabelling fails
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        fmt.open_object(fmt.Kind.SNAPSHOT, bytes(sealed), "t", cipher)
+    assert len({fmt.encode_blob(raw, blob_id, cipher) for _ in range(100)}) == 100  # a fresh key every time

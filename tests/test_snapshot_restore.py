@@ -17,7 +17,7 @@ from benchmarks.clubgen import generate, one_day
 from engine import Repository, apply_restore, create_snapshot, plan_restore
 from engine.chunker import chunk_stream, fixed_chunks
 from engine.pagemap import file_chunks
-from engine.format import DATA_PREFIX, PackId, chunk_id
+from engine.format import DATA_PREFIX, PackId
 from engine.packs import read_trailer
 from engine.snapshot import SnapshotOptions
 from engine.tree import walk
@@ -87,7 +87,7 @@ def test_tarball_in_two_snapshots_is_stored_once(repo: Repository, data: Path, c
     create_snapshot(repo, _options(data, clock, tmp_path))
     tarball = sorted(data.glob("blobs/*/*/artifacts/package.tar.gz"))[0]
     with open(tarball, "rb") as handle:
-        wanted = {chunk_id(c) for c in chunk_stream(handle, "cdc", repo.config.chunker)}
+        wanted = {repo.chunk_id(c) for c in chunk_stream(handle, "cdc", repo.config.chunker)}
     stored = [entry.id for key, size in repo.backend.list(DATA_PREFIX)
               for entry in read_trailer(repo.backend, PackId.from_hex(key.rsplit("/", 1)[-1]), size)]
     assert all(stored.count(c) == 1 for c in wanted)
@@ -114,7 +114,7 @@ def test_rollback_over_newer_target_fetches_only_differing_chunks(
             with open(path, "rb") as handle:
                 chunks = (fixed_chunks(handle, 4096) if path.name == "club.db"
                           else chunk_stream(handle, "cdc", repo.config.chunker))
-                local |= {chunk_id(c) for c in chunks}
+                local |= {repo.chunk_id(c) for c in chunks}
     needed = {c for p, e in walk(repo, first.tree) if e["type"] == "file" for c in file_chunks(repo, e)} - local
 
     plan, result = _restore(repo, first, target, delete=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.format import BlobType, ChunkId, chunk_id
+from engine.format import BlobType, ChunkId, digest
 from engine.tree import load_tree, store_tree
 
 
@@ -11,7 +11,7 @@ class MemoryStore:
         self.blobs: dict[ChunkId, bytes] = {}
 
     def add_blob(self, blob_type: BlobType, raw: bytes, blob_id: ChunkId | None = None) -> ChunkId:
-        blob_id = blob_id or chunk_id(raw)
+        blob_id = blob_id or ChunkId(digest(raw))
         self.blobs.setdefault(blob_id, raw)
         return blob_id
 
