@@ -251,3 +251,12 @@ def test_unusable_s3_settings_are_one_line(cli: Cli, tmp_path: Path, s3_env: dic
         result = cli("snapshots", env={"CLUBSNAP_REPO": "s3://some-bucket/repo", **env})
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("clubsnap: "), result.stderr
+
+
+def test_the_endpoint_can_come_from_boto3s_own_variable(cli: Cli, tmp_path: Path, s3_url: str,
+                                                        moto_server: MotoServer) -> None:
+    """AWS_ENDPOINT_URL (boto3's standard variable) alone, no clubsnap variable, no region."""
+    env = {"CLUBSNAP_S3_ENDPOINT": "", "CLUBSNAP_S3_REGION": "", "AWS_ENDPOINT_URL": moto_server.endpoint,
+           "CLUBSNAP_REPO": s3_url}
+    _ok(cli("init", env=env))
+    assert "0 snapshot(s)" in _ok(cli("snapshots", env=env)).stdout
