@@ -183,11 +183,15 @@ class Repository:
             master, slot = keys.unlock(backend, password, opens_config, what)
             cipher = Cipher(master)
             _remember_encrypted(cache_root, backend.location)
-        elif _was_encrypted(cache_root, backend.location) or any(True for _ in backend.list(KEYS_PREFIX)):
-            # A plain config beside key slots, or where this host knew an encrypted one: it
-            # was replaced, and writing on would store the next snapshots in the clear.
-            raise IntegrityError(f"{what}: not encrypted, but the repository is (the config was replaced?); "
-                                 f"refusing to read or write it")
+        elif any(True for _ in backend.list(KEYS_PREFIX)):
+            # A plain config beside key slots: it was replaced, and writing on would store
+            # the next snapshots in the clear.
+            raise IntegrityError(f"{what}: not encrypted, but the repository has key slots (the config was "
+                                 f"replaced?); refusing to read or write it")
+        elif _was_encrypted(cache_root, backend.location):
+            raise IntegrityError(f"{what}: not encrypted, but this host knew an encrypted repository here (the "
+                                 f"config was replaced?); if it was recreated unencrypted on purpose, remove "
+                                 f"{cache_root / ENCRYPTED_LOCATIONS}")
         record = open_object(Kind.CONFIG, data, what, cipher)
         if record.get("encryption", "none") not in ("none", SCHEME) or (
                 (record.get("encryption", "none") == SCHEME) != cipher.encrypted):
