@@ -14,7 +14,6 @@ benchmarks/results/encryption.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -26,6 +25,7 @@ from typing import Any
 
 from benchmarks.clubgen import generate, one_day
 from benchmarks.clubstate import club_state
+from benchmarks.report import publish
 from benchmarks.measure import run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,10 +127,7 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path, default=ROOT / "benchmarks" / "results" / "encryption.json")
     args = parser.parse_args()
     result = measure(args.size, args.seed, args.repeat, args.work)
-    args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.write_text(report(result))
-    print(report(result))
+    publish(result, report(result), args.out, args.json_out)
     shutil.rmtree(args.work, ignore_errors=True)
 
 

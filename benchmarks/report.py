@@ -7,6 +7,7 @@ the results has everything else.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sqlite3
@@ -65,6 +66,14 @@ How it is measured:
   seconds: those bytes at this machine's single-threaded blake3 rate (snapshots) or
   read rate (restores), both measured on the data dir with a warm page cache.
 """
+
+
+def publish(result: dict[str, Any], text: str, doc: Path, json_path: Path) -> None:
+    """Write a standalone benchmark's results (JSON and markdown) and show the markdown."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    doc.write_text(text)
+    print(text)
 
 
 def machine() -> dict[str, str]:
