@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-s3 bench-encryption clean
+.PHONY: demo test bench bench-s3 bench-encryption bench-prune clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench-s3: $(VENV)/.installed
 # docs/benchmarks-encryption.md and benchmarks/results/encryption.json.
 bench-encryption: $(VENV)/.installed
 	$(PY) -m benchmarks.encryption $(BENCH_ARGS)
+
+# 200 frequent snapshots (simulated time) thinned to a daily policy, then pruned: time
+# and peak memory of forget and prune; rewrites docs/benchmarks-prune.md and
+# benchmarks/results/prune.json.
+bench-prune: $(VENV)/.installed
+	$(PY) -m benchmarks.prune $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-work bench-work

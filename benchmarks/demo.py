@@ -2,7 +2,8 @@
 
 Builds a sample club data dir, snapshots it, applies one day of club activity (leaving
 a live WAL), snapshots again, lists the snapshots, restores the first one by date into
-a new directory and shows that it matches the data dir as it was at that time.
+a new directory and shows that it matches the data dir as it was at that time; then
+forgets the first snapshot and prunes what only it needed.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def main() -> None:
     print(f"\n== restored state as of {as_of} matches the data dir at snapshot 1: "
           f"{len(restored['blobs'])} blob files byte-identical, club.db integrity_check={db['integrity_check']}, "
           f"user_version={db['user_version']}, every table's rows equal.")
+
+    print("\n== retention: keep the newest snapshot, prune what only the first one needed", flush=True)
+    _clubsnap(work, "forget", "--keep-last", "1", "--dry-run")
+    _clubsnap(work, "forget", "--keep-last", "1", "--prune")
+    _clubsnap(work, "check", "--read-data")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ from .backend import Backend, open_backend
 from .chunker import ChunkerParams
 from .diff import diff_trees
 from .errors import EngineError
+from .forget import StoredPolicy, load_policy, plan_forget, remove_snapshots, save_policy
+from .prune import PruneOptions, PruneReport, prune
 from .repository import Repository, SnapshotInfo
 from .restore import apply_restore, plan_restore
+from .retention import Candidate, Duration, Policy, apply_policy
 from .snapshot import SnapshotOptions, create_snapshot
 from .stats import repository_stats
 from .timespec import parse_time
@@ -16,17 +19,29 @@ from .verify import check
 
 __all__ = [
     "Backend",
+    "Candidate",
     "ChunkerParams",
+    "Duration",
     "EngineError",
+    "Policy",
+    "PruneOptions",
+    "PruneReport",
     "Repository",
     "SnapshotInfo",
     "SnapshotOptions",
+    "StoredPolicy",
+    "apply_policy",
     "apply_restore",
     "check",
     "create_snapshot",
     "diff_trees",
+    "load_policy",
     "open_backend",
     "parse_time",
+    "plan_forget",
     "plan_restore",
+    "prune",
+    "remove_snapshots",
     "repository_stats",
+    "save_policy",
 ]

@@ -18,7 +18,8 @@ from .errors import EngineError
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
-SCHEMA_VERSION = 3  # 2: files.etag (bucket sources), the tree cache; 3: snapshots.sealed
+# 2: files.etag (bucket sources), the tree cache; 3: snapshots.sealed; 4: garbage records
+SCHEMA_VERSION = 4
 LOOKUP_BATCH = 500  # ids per SELECT … IN (…)
 
 
@@ -56,11 +57,13 @@ class Catalog:
             version = self._schema_version()
             if version == str(SCHEMA_VERSION):
                 return
-            if version in ("1", "2"):  # keep the files cache: losing it costs a full read
+            if version in ("1", "2", "3"):  # keep the files cache: losing it costs a full read
                 if version == "1":
                     self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
                     self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
-                self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
+                if version in ("1", "2"):
+                    self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
+                self._create_garbage_tables()
                 self.set_meta("schema", str(SCHEMA_VERSION))
                 return
             # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
@@ -81,7 +84,21 @@ class Catalog:
             db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
                                       "ctime_ns": int, "inode": int, "chunks": bytes, "etag": str},
                                      pk=("source", "path"))
+            self._create_garbage_tables()
             self.set_meta("schema", str(SCHEMA_VERSION))
+
+    def _create_garbage_tables(self) -> None:
+        """Packs a prune condemned (docs/format.md §10): readers may still need their
+        blobs, writers must not count on them. And the index by pack, which prune and tree
+        reads query."""
+        self._conn.executescript("""
+            CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
+            CREATE TABLE IF NOT EXISTS garbage_objects (name TEXT PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS condemned_packs (id BLOB PRIMARY KEY, size INTEGER, garbage TEXT);
+            CREATE TABLE IF NOT EXISTS condemned_blobs (id BLOB PRIMARY KEY, type INTEGER, pack BLOB,
+                                                        offset INTEGER, length INTEGER, raw_length INTEGER);
+            CREATE INDEX IF NOT EXISTS condemned_by_pack ON condemned_blobs (pack);
+        """)
 
     def _schema_version(self) -> str | None:
         try:
@@ -121,8 +138,80 @@ class Catalog:
     def clear_index(self) -> None:
         with self._lock, self._conn:
             self._conn.execute("BEGIN")
-            for table in ("index_objects", "packs", "blobs"):
+            for table in ("index_objects", "packs", "blobs", "garbage_objects", "condemned_packs",
+                          "condemned_blobs"):
                 self._conn.execute(f"DELETE FROM {table}")
+
+    def replace_index(self, names: Iterable[str], new_packs: Iterable[tuple[bytes, int]],
+                      new_blobs_table: str, dropped_packs_table: str) -> None:
+        """After a prune: the live index becomes the given index objects. Entries of the
+        packs in ``dropped_packs_table`` leave it, those in ``new_blobs_table`` (same
+        columns as ``blobs``) enter it, replacing any older location; one transaction, so
+        another process sharing the catalog sees the old index or the new one."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.execute(f"DELETE FROM blobs WHERE pack IN (SELECT id FROM {dropped_packs_table})")
+            self._conn.execute(f"DELETE FROM packs WHERE id IN (SELECT id FROM {dropped_packs_table})")
+            self._conn.execute(f"INSERT OR REPLACE INTO blobs SELECT * FROM {new_blobs_table}")
+            self._conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)", new_packs)
+            self._conn.execute("DELETE FROM index_objects")
+            self._conn.executemany("INSERT INTO index_objects VALUES (?)", [(n,) for n in names])
+            self._conn.execute("DELETE FROM trees WHERE id NOT IN (SELECT id FROM blobs)")
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """A query for prune's temporary tables (its working set lives on disk, not in memory)."""
+        with self._lock:
+            return self._conn.execute(sql, list(params)).fetchall()
+
+    def executemany(self, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(sql, rows)
+
+    def iterate(self, sql: str, params: Iterable[Any] = ()) -> Iterable[tuple[Any, ...]]:
+        """Rows of a query, fetched in batches: for results too large to hold at once."""
+        with self._lock:
+            cursor = self._conn.execute(sql, list(params))
+        while True:
+            with self._lock:
+                rows = cursor.fetchmany(10_000)
+            if not rows:
+                return
+            yield from rows
+
+    # ---- garbage records: condemned packs awaiting deletion (docs/format.md §10) ---------
+
+    def garbage_names(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._conn.execute("SELECT name FROM garbage_objects")}
+
+    def add_garbage(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry]) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR REPLACE INTO condemned_packs VALUES (?, ?, ?)",
+                                   [(bytes(p), s, name) for p, s in packs.items()])
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO condemned_blobs VALUES (?, ?, ?, ?, ?, ?)",
+                [(bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length) for e in entries])
+            self._conn.execute("INSERT OR IGNORE INTO garbage_objects VALUES (?)", [name])
+
+    def remove_garbage(self, names: Iterable[str]) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            for name in names:
+                self._conn.execute("DELETE FROM condemned_blobs WHERE pack IN "
+                                   "(SELECT id FROM condemned_packs WHERE garbage=?)", [name])
+                self._conn.execute("DELETE FROM condemned_packs WHERE garbage=?", [name])
+                self._conn.execute("DELETE FROM garbage_objects WHERE name=?", [name])
+
+    def condemned_packs(self) -> dict[PackId, tuple[int, str]]:
+        """Condemned pack -> (size, name of the garbage record naming it)."""
+        with self._lock:
+            return {PackId(row[0]): (row[1], row[2])
+                    for row in self._conn.execute("SELECT id, size, garbage FROM condemned_packs")}
+
+    def lookup_condemned_many(self, ids: list[ChunkId]) -> dict[ChunkId, BlobEntry]:
+        return self._lookup_many("condemned_blobs", ids)
 
     def lookup(self, blob_id: bytes) -> BlobEntry | None:
         with self._lock:
@@ -134,12 +223,15 @@ class Catalog:
 
     def lookup_many(self, ids: list[ChunkId]) -> dict[ChunkId, BlobEntry]:
         """``lookup`` for many ids, a query per ``LOOKUP_BATCH``; absent ids are left out."""
+        return self._lookup_many("blobs", ids)
+
+    def _lookup_many(self, table: str, ids: list[ChunkId]) -> dict[ChunkId, BlobEntry]:
         found: dict[ChunkId, BlobEntry] = {}
         with self._lock:
             for start in range(0, len(ids), LOOKUP_BATCH):
                 batch = ids[start:start + LOOKUP_BATCH]
                 for row in self._conn.execute(
-                        "SELECT id, type, pack, offset, length, raw_length FROM blobs "
+                        f"SELECT id, type, pack, offset, length, raw_length FROM {table} "
                         f"WHERE id IN ({','.join('?' * len(batch))})", batch):
                     blob_id = ChunkId(row[0])
                     found[blob_id] = BlobEntry(blob_id, BlobType(row[1]), PackId(row[2]), row[3], row[4], row[5])
@@ -163,9 +255,12 @@ class Catalog:
             return {PackId(row[0]): row[1] for row in self._conn.execute("SELECT id, size FROM packs")}
 
     def blobs_in_pack(self, pack: PackId) -> list[BlobEntry]:
+        """The blobs the index (or a garbage record, for a condemned pack) places in ``pack``."""
         with self._lock:
-            rows = self._conn.execute("SELECT id, type, offset, length, raw_length FROM blobs WHERE pack=?",
-                                    [bytes(pack)]).fetchall()
+            rows = self._conn.execute(
+                "SELECT id, type, offset, length, raw_length FROM blobs WHERE pack=? UNION "
+                "SELECT id, type, offset, length, raw_length FROM condemned_blobs WHERE pack=?",
+                [bytes(pack), bytes(pack)]).fetchall()
         return [BlobEntry(ChunkId(r[0]), BlobType(r[1]), pack, r[2], r[3], r[4]) for r in rows]
 
     def counts(self) -> dict[str, int]:

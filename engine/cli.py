@@ -7,6 +7,7 @@ Every ``EngineError`` becomes one line on stderr and its exit code (docs/cli.md)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -16,6 +17,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,7 +27,13 @@ from .backend import Backend, open_backend
 from .backends.s3 import S3Backend, S3Settings, is_bucket_url
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
-from . import keys
+from . import keys, locks
+from .forget import (
+    DEFAULT_GROUP_BY, Group, StoredPolicy, check_group_by, load_policy, plan_forget, remove_snapshots, save_policy,
+    snapshots_by_ids, zone_named,
+)
+from .prune import PruneOptions, PruneReport, prune
+from .retention import PERIODS, Duration, Policy
 from .crypto import SCHEME
 from .format import KEYS_PREFIX
 from .repository import Repository, SnapshotInfo
@@ -282,6 +290,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
         snap = repo.snapshot_at(parse_time(args.at, _now()))
     else:
         snap = repo.find_snapshot(args.snapshot)
+    with repo.read_lock() or contextlib.nullcontext():  # a prune then keeps what this may read
+        return _restore(args, repo, snap)
+
+
+def _restore(args: argparse.Namespace, repo: Repository, snap: SnapshotInfo) -> int:
     if is_bucket_url(args.target):
         return _restore_into_bucket(args, repo, snap)
     plan = plan_restore(repo, snap, Path(args.target), args.include, args.delete)
@@ -373,8 +386,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     repo = _open(args)
     subset = _percent(args.read_data_subset) if args.read_data_subset else None
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
-    report = check(repo, read_data=args.read_data, subset=subset,
-                   progress=lambda done, total: reporter.line(f"packs {done}/{total}"))
+    with repo.read_lock() or contextlib.nullcontext():
+        report = check(repo, read_data=args.read_data, subset=subset,
+                       progress=lambda done, total: reporter.line(f"packs {done}/{total}"))
     reporter.done()
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -405,7 +419,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _report_club(args, check_club(Path(args.data)), args.data)
     repo = _open(args)
     snap = repo.snapshot_at(parse_time(args.at, _now())) if args.at else repo.find_snapshot(args.snapshot)
-    with tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=args.temp_dir) as scratch:
+    with repo.read_lock() or contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=args.temp_dir) as scratch:
         plan = plan_restore(repo, snap, Path(scratch) / "data")
         apply_restore(repo, plan, allow_in_use=True, set_owner=False)
         return _report_club(args, check_club(Path(scratch) / "data"), f"snapshot {snap.id.short()}")
@@ -441,6 +456,191 @@ def cmd_cache(args: argparse.Namespace) -> int:
           f"catalog rebuilt from {repo.backend.location}: {count} snapshot(s)"
           + (f", {recovered} unindexed pack(s) indexed from their trailers" if args.from_packs else ""))
     return 0
+
+
+def _policy_from_args(args: argparse.Namespace) -> StoredPolicy | None:
+    """The policy the --keep-* options give, or None if they give none."""
+    policy = Policy(last=args.keep_last or 0, hourly=args.keep_hourly or 0, daily=args.keep_daily or 0,
+                    weekly=args.keep_weekly or 0, monthly=args.keep_monthly or 0, yearly=args.keep_yearly or 0,
+                    within=Duration.parse(args.keep_within) if args.keep_within else None,
+                    within_periods={p: Duration.parse(getattr(args, f"keep_within_{p}")) for p in PERIODS
+                                    if getattr(args, f"keep_within_{p}")},
+                    tags=tuple(args.keep_tag or ()))
+    if policy.empty():
+        return None
+    group_by = DEFAULT_GROUP_BY if args.group_by is None else tuple(f for f in args.group_by.split(",") if f)
+    zone = "UTC" if args.utc else args.timezone
+    zone_named(zone)  # refuse an unknown zone now
+    return StoredPolicy(policy, check_group_by(group_by), zone)
+
+
+def _decision_lines(group: Group, zone: Any) -> list[str]:
+    header = ", ".join(f"{k} {v if k != 'tags' else ','.join(v) or '-'}" for k, v in group.key.items())
+    kept = sum(d.keep for d in group.decisions)
+    lines = [f"{header or 'all snapshots'}: keep {kept}, remove {len(group.decisions) - kept}"]
+    for decision in group.decisions:
+        snap = group.snapshots[decision.candidate.key]
+        moment = snap.time.astimezone(zone) if zone is not None else snap.time.astimezone()
+        lines.append(f"  {'keep  ' if decision.keep else 'remove'}  {snap.id.short()}  "
+                     f"{moment:%Y-%m-%d %H:%M:%S %Z}  {'; '.join(decision.reasons)}")
+    return lines
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    prune_options = _prune_options(args)  # refuse bad prune options before forgetting anything
+    repo = _open(args)
+    snapshots = repo.snapshots()
+    stored = _policy_from_args(args)
+    if args.snapshot_ids:
+        if stored is not None:
+            raise errors.UsageError("give snapshot ids or --keep-* rules, not both")
+        doomed = snapshots_by_ids(snapshots, args.snapshot_ids)
+        lines, groups = [f"remove  {s.id.short()}  {s.time.astimezone():%Y-%m-%d %H:%M:%S %Z}" for s in doomed], []
+    else:
+        stored = stored or load_policy(repo)
+        if stored is None:
+            raise errors.UsageError("no retention policy: give --keep-* rules, or store one with 'clubsnap policy set'")
+        groups = plan_forget(snapshots, stored)
+        doomed = [snap for group in groups for snap in group.removed]
+        lines = [line for group in groups for line in _decision_lines(group, stored.zone())]
+    if not args.dry_run:
+        remove_snapshots(repo, doomed)
+    verb = "would remove" if args.dry_run else "removed"
+    summary = {"dry_run": args.dry_run, "removed": [s.id.hex() for s in doomed],
+               "kept": len(snapshots) - len(doomed),
+               "groups": [{"group": {k: list(v) if isinstance(v, tuple) else v for k, v in g.key.items()},
+                           "decisions": [{"id": g.snapshots[d.candidate.key].id.hex(),
+                                          "time": d.candidate.time.isoformat(), "keep": d.keep,
+                                          "reasons": d.reasons} for d in g.decisions]} for g in groups]}
+    text = "\n".join(lines + [f"{verb} {len(doomed)} of {len(snapshots)} snapshot(s)"
+                              + (f" (policy: {stored.policy.describe()})" if stored else "")])
+    if args.prune and not args.dry_run:
+        report = prune(repo, replace(prune_options, dry_run=False))
+        summary["prune"] = report.to_dict()
+        text += "\n" + _prune_text(report)
+    _emit(args, summary, text)
+    return 0
+
+
+def _prune_options(args: argparse.Namespace) -> PruneOptions:
+    reporter = _Reporter(sys.stderr.isatty() and not args.json)
+    return PruneOptions(max_unused=_max_unused(args.max_unused), dry_run=getattr(args, "dry_run", False),
+                        wait_s=_seconds(args.wait), progress=reporter.line)
+
+
+def _max_unused(text: str) -> float:
+    if text.strip().lower() == "unlimited":
+        return float("inf")
+    try:
+        value = float(text.strip().rstrip("%")) / 100
+    except ValueError as exc:
+        raise errors.UsageError(f"--max-unused takes a percentage like 5% or 'unlimited', not {text!r}") from exc
+    if value < 0:
+        raise errors.UsageError("--max-unused cannot be negative")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """``--wait``: seconds, or with a unit: 90s, 5m (minutes), 1h."""
+    spec = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(spec[:-1]) * units[spec[-1]] if spec and spec[-1] in units else float(spec)
+    except ValueError as exc:
+        raise errors.UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m or 1h") from exc
+
+
+def _prune_text(report: PruneReport) -> str:
+    mb = 1e6
+    lines = [f"{'would free' if report.dry_run else 'prune'}: {report.snapshots} snapshot(s) use "
+             f"{report.used_blobs} blobs ({report.used_bytes / mb:,.1f} MB) in {report.packs} pack(s) "
+             f"({report.pack_bytes / mb:,.1f} MB)",
+             f"  unused packs: {report.unused_packs} ({report.unused_bytes / mb:,.1f} MB)",
+             f"  packs to repack: {report.repack_packs} ({report.repack_bytes / mb:,.1f} MB, "
+             f"{report.repack_used_bytes / mb:,.1f} MB of it still used; {report.repack_small_packs} small "
+             f"packs merged)",
+             f"  packs no index names (interrupted runs): {report.unindexed_packs} "
+             f"({report.unindexed_bytes / mb:,.1f} MB)",
+             f"  condemned by an earlier prune: {report.swept_earlier_packs} deleted now "
+             f"({report.swept_earlier_bytes / mb:,.1f} MB), {report.rescued_packs} re-indexed",
+             f"  unused data left in kept packs: {report.garbage_left_bytes / mb:,.1f} MB"]
+    if report.dry_run:
+        lines.append(f"would free {report.predicted_freed_bytes / mb:,.1f} MB")
+    else:
+        lines.append(f"freed {report.freed_bytes / mb:,.1f} MB ({report.packs_deleted} pack(s) deleted; "
+                     f"predicted {report.predicted_freed_bytes / mb:,.1f} MB); index objects "
+                     f"{report.index_objects_before} -> {report.index_objects_after}")
+    if report.pending_packs:
+        lines.append(f"  {report.pending_packs} condemned pack(s) ({report.pending_bytes / mb:,.1f} MB) wait for "
+                     f"running snapshots or restores to finish; the next prune deletes them")
+    if report.stale_locks_removed:
+        lines.append(f"  removed {report.stale_locks_removed} stale lock(s)")
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    report = prune(_open(args), _prune_options(args))
+    _emit(args, report.to_dict(), _prune_text(report))
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if args.policy_command == "set":
+        stored = _policy_from_args(args)
+        if stored is None:
+            raise errors.UsageError("give at least one --keep-* rule")
+        save_policy(repo, stored)
+    elif args.policy_command == "clear":
+        save_policy(repo, None)
+        stored = None
+    else:
+        stored = load_policy(repo)
+    _emit(args, None if stored is None else {**stored.to_record(), "description": stored.policy.describe()},
+          "no retention policy stored" if stored is None else
+          f"policy: {stored.policy.describe()}; grouped by {','.join(stored.group_by) or 'nothing'}; "
+          f"periods in {stored.timezone or 'local time'}")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if args.all:
+        found, unreadable = locks.list_locks(repo.backend, repo.cipher)
+        for key in [lock.key for lock in found] + unreadable:
+            repo.backend.delete(key)
+        removed = len(found) + len(unreadable)
+    else:
+        removed = len(locks.remove_stale(repo.backend, repo.cipher))
+    _emit(args, {"removed": removed}, f"removed {removed} lock(s)")
+    return 0
+
+
+def _add_policy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest snapshots")
+    for period in PERIODS:
+        p.add_argument(f"--keep-{period}", type=int, metavar="N",
+                       help=f"keep the newest snapshot of each of the N newest {period} periods (-1: all)")
+    p.add_argument("--keep-within", metavar="DURATION",
+                   help="keep every snapshot within DURATION of the newest (e.g. 30d, 12h, 2w, 6m, 1y)")
+    for period in PERIODS:
+        p.add_argument(f"--keep-within-{period}", metavar="DURATION",
+                       help=f"keep the newest snapshot of each {period} period within DURATION of the newest")
+    p.add_argument("--keep-tag", action="append", metavar="TAG", help="keep snapshots with this tag (repeatable)")
+    p.add_argument("--group-by", help="apply the policy per group of host,source,tags (default host,source; "
+                                      "'' for one group)")
+    p.add_argument("--timezone", help="time zone of the calendar periods (default: this machine's local time)")
+    p.add_argument("--utc", action="store_true", help="calendar periods in UTC")
+
+
+def _add_prune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-unused", default="5%",
+                   help="unused data tolerated in kept packs, as a percentage of the used data (default 5%%; "
+                        "'unlimited' repacks nothing, 0%% repacks every pack with garbage)")
+    p.add_argument("--wait", default="5m",
+                   help="how long to wait for running snapshots/restores before deleting (default 5m); "
+                        "what is left, the next prune deletes")
 
 
 # ---- parser -----------------------------------------------------------------------------------
@@ -523,6 +723,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", help="the newest snapshot at or before TIME")
     p.add_argument("--data", help="check this data directory instead of a snapshot")
     p.add_argument("--temp-dir", help="where to restore the snapshot for the check (default: system temp)")
+    p = add("forget", cmd_forget, "remove snapshots by a retention policy, or by id (their data goes at prune)")
+    p.add_argument("snapshot_ids", nargs="*", metavar="ID", help="snapshot ids to remove (instead of a policy)")
+    _add_policy_options(p)
+    p.add_argument("--dry-run", action="store_true", help="show what would be kept and removed, and why")
+    p.add_argument("--prune", action="store_true", help="prune right after")
+    _add_prune_options(p)
+    p = add("prune", cmd_prune, "delete data no snapshot needs; safe beside running snapshots")
+    p.add_argument("--dry-run", action="store_true", help="report what would be freed, change nothing")
+    _add_prune_options(p)
+    p = add("policy", cmd_policy, "show, set or clear the retention policy stored in the repository")
+    policy_sub = p.add_subparsers(dest="policy_command", required=True)
+    policy_sub.add_parser("show", parents=[common], help="print the stored policy")
+    _add_policy_options(policy_sub.add_parser("set", parents=[common], help="store a policy ('forget' uses it "
+                                                                             "when given no --keep-* rule)"))
+    policy_sub.add_parser("clear", parents=[common], help="remove the stored policy")
+    p = add("unlock", cmd_unlock, "remove stale locks (of processes that died)")
+    p.add_argument("--all", action="store_true",
+                   help="remove every lock: only when no clubsnap process uses the repository")
     add("stats", cmd_stats, "repository statistics")
     p = add("cache", cmd_cache, "manage the local catalog")
     p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")

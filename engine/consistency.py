@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .clubcheck import Expected
+from .errors import IntegrityError
 from .format import ChunkId, display
 from .repository import Repository, SnapshotInfo
 from .tree import Entry, lookup
@@ -62,9 +63,13 @@ def consistent_cut(repo: Repository, still_present: Callable[[bytes], bool], exp
         # replaces it by a rename.
         tarball = _tarball(item.key)
         version_gone = tarball not in entries or not still_present(tarball)
-        found = lookup(repo, parent.tree, rel, loaded) if parent and version_gone else None
+        try:
+            found = lookup(repo, parent.tree, rel, loaded) if parent and version_gone else None
+        except IntegrityError:
+            found = None  # the parent's tree is no longer live (pruned): nothing to carry
         if (found is None or found[-1]["type"] != "file"
-                or (item.size is not None and found[-1]["size"] != item.size)):
+                or (item.size is not None and found[-1]["size"] != item.size)
+                or not _all_stored(repo, found[-1])):
             cut.dangling.append(item.key)
             continue
         cut.carried[rel] = found[-1]
@@ -75,6 +80,12 @@ def consistent_cut(repo: Repository, still_present: Callable[[bytes], bool], exp
     if verify:
         cut.verification = _verify(expected, entries | cut.carried)
     return cut
+
+
+def _all_stored(repo: Repository, entry: Entry) -> bool:
+    """A carried entry must not name a chunk a prune has condemned (format §10)."""
+    chunks = [ChunkId(c) for c in entry.get("chunks", [])]
+    return len(repo.which_exist(chunks)) == len(set(chunks))
 
 
 def _tarball(key: str) -> bytes:

@@ -21,7 +21,9 @@ keeps its traceback.
     ├── StorageFull (17)                ENOSPC / quota while writing
     ├── CheckFailed (18)                check found problems (details in the report)
     ├── TargetError (19)                restore target cannot be written as planned
-    └── WrongPassword (20)              no key slot of an encrypted repository opens
+    ├── WrongPassword (20)              no key slot of an encrypted repository opens
+    └── RepositoryLocked (21)           another prune holds the repository, or this
+                                        command's lock was removed as stale
 
 A snapshot that completed but skipped unreadable files is not an exception: it is a
 result with ``partial=True``, which the CLI reports with exit code 3.
@@ -98,6 +100,10 @@ class TargetError(EngineError):
 
 class WrongPassword(EngineError):
     exit_code = 20
+
+
+class RepositoryLocked(EngineError):
+    exit_code = 21
 
 
 def from_os_error(exc: OSError, what: str) -> EngineError:

@@ -30,8 +30,10 @@ PACK_FOOTER_MAGIC = b"CSPT"
 
 # magic, format version, kind, flags, reserved
 OBJECT_HEADER = struct.Struct("<4sBBBB")
-# magic, format version, 3 reserved bytes
+# magic, format version, 3 random bytes (so that two writes of the same blobs in the same
+# order never share a pack id: prune deletes packs by id, docs/format.md §10)
 PACK_HEADER = struct.Struct("<4sB3x")
+PACK_NONCE_SIZE = 3
 # trailer length, magic: the last 8 bytes of every pack
 PACK_FOOTER = struct.Struct("<I4s")
 
@@ -49,6 +51,9 @@ class Kind(IntEnum):
     PACK_TRAILER = 4
     SNAPSHOT_SUMMARY = 5
     KEY_SLOT = 6
+    LOCK = 7
+    GARBAGE = 8
+    POLICY = 9
 
 
 class Flag(IntFlag):
@@ -236,6 +241,9 @@ INDEX_PREFIX = "index/"
 SNAPSHOT_PREFIX = "snapshots/"
 SUMMARY_PREFIX = "summaries/"
 KEYS_PREFIX = "keys/"
+LOCKS_PREFIX = "locks/"
+GARBAGE_PREFIX = "garbage/"
+POLICY_PREFIX = "policies/"
 SNAPSHOT_STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 

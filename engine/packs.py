@@ -8,6 +8,7 @@ byte ranges of packs, never whole packs unless they need every blob in them.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -15,7 +16,8 @@ from .backend import Backend
 from .errors import IntegrityError, UnsupportedFormat
 from .crypto import PLAIN, Cipher
 from .format import (
-    FORMAT_VERSION, OLDEST_READABLE_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, BlobType,
+    FORMAT_VERSION, OLDEST_READABLE_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, PACK_NONCE_SIZE,
+    BlobType,
     ChunkId, Kind, PackId, decode_blob, digest, open_object, pack_key, seal_object,
 )
 
@@ -54,6 +56,7 @@ class PackBuilder:
         self.blob_type = blob_type
         self.cipher = cipher
         self._buffer = bytearray(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
+        self._buffer[PACK_HEADER.size - PACK_NONCE_SIZE:] = secrets.token_bytes(PACK_NONCE_SIZE)
         self._rows: list[tuple[ChunkId, int, int, int]] = []
 
     def add(self, blob_id: ChunkId, encoded: bytes, raw_length: int) -> None:

@@ -23,10 +23,11 @@ from . import keys
 from .catalog import Catalog
 from .crypto import PLAIN, SCHEME, Cipher
 from .keys import KeySlot
+from .locks import Lock
 from .chunker import ChunkerParams
 from .errors import EngineError, IntegrityError, ObjectNotFound, RepositoryExists, UsageError, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
 from .format import (
-    CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
+    CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, GARBAGE_PREFIX, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
     KEYS_PREFIX, ChunkId, Flag, Kind, PackId, SnapshotId, decode_blob, digest, encode_blob, index_key,
     object_flags, open_object, pack_key, parse_snapshot_key, seal_object, snapshot_key, summary_key,
 )
@@ -120,6 +121,11 @@ class Repository:
         self._upload_error: BaseException | None = None
         self.summary_every = SUMMARY_EVERY
         self._listed_snapshots: int | None = None  # how many the last LIST of snapshots/ found
+        # Readers may take a blob from a pack a prune condemned (a snapshot that finished
+        # while the prune ran may need it until the next prune re-indexes it). A snapshot
+        # turns this off: it must never come to depend on a condemned pack (format §10).
+        self.read_condemned = True
+        self.garbage_warnings: list[str] = []  # garbage records the last sync could not read
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -212,8 +218,9 @@ class Repository:
 
     # ---- index synchronisation -------------------------------------------------------------
 
-    def sync_index(self) -> None:
-        """Bring the catalog's blob index up to date with the index objects in the repo.
+    def sync_index(self, attempts_left: int = 3) -> None:
+        """Bring the catalog's blob index up to date with the index objects in the repo,
+        and its list of condemned packs with the garbage records (docs/format.md §10).
 
         Reads only index objects the catalog has not seen. If one it had seen is gone
         (a prune consolidated it), the catalog's index is rebuilt from scratch.
@@ -221,31 +228,59 @@ class Repository:
         # Read what the catalog knows before listing: an index object another process
         # records meanwhile is then in the listing too, never mistaken for a deleted one.
         known = self.catalog.index_object_names()
+        known_garbage = self.catalog.garbage_names()
         present = {key[len(INDEX_PREFIX):] for key, _ in self.backend.list(INDEX_PREFIX)}
+        # A snapshot never reads condemned packs: it spares itself the LIST.
+        garbage = ({key[len(GARBAGE_PREFIX):] for key, _ in self.backend.list(GARBAGE_PREFIX)}
+                   if self.read_condemned else known_garbage)
         if known - present:
             self.catalog.clear_index()
-            known = set()
-        for name in sorted(present - known):
-            self._load_index_object(name)
+            known, known_garbage = set(), set()
+        try:
+            for name in sorted(present - known):
+                self._load_index_object(name)
+        except ObjectNotFound:
+            # Listed, then deleted: a prune replaced the index meanwhile. Its new index
+            # objects were written before the old ones went, so a new listing has them.
+            if attempts_left == 0:
+                raise
+            return self.sync_index(attempts_left - 1)
+        self.catalog.remove_garbage(known_garbage - garbage)
+        self.garbage_warnings = []
+        for name in sorted(garbage - known_garbage):
+            try:
+                self.read_garbage(name, catalog=True)
+            except ObjectNotFound:
+                continue  # swept by a prune meanwhile
+            except (IntegrityError, UnsupportedFormat) as exc:
+                # Only readers racing a prune need a garbage record; a damaged one must
+                # not stop a snapshot (check reports it, prune condemns its packs anew).
+                self.garbage_warnings.append(str(exc))
+
+    def read_garbage(self, name: str, catalog: bool = False) -> dict[str, Any]:
+        """One garbage record (docs/format.md §10); with ``catalog``, its condemned packs
+        are recorded in the catalog too."""
+        record = self._read_named(GARBAGE_PREFIX, Kind.GARBAGE, name)
+        if catalog:
+            self.catalog.add_garbage(name, *_packs_and_entries(record))
+        return record
 
     def _load_index_object(self, name: str) -> None:
-        key = f"{INDEX_PREFIX}{name}"
+        self.catalog.add_index(name, *_packs_and_entries(self._read_named(INDEX_PREFIX, Kind.INDEX, name)))
+
+    def _read_named(self, prefix: str, kind: Kind, name: str) -> dict[str, Any]:
+        """An object named by the hash of its bytes, authenticated (when encrypted) and checked."""
+        key = f"{prefix}{name}"
         data = self.backend.get(key)
-        record = open_object(Kind.INDEX, data, key, self.cipher)  # authenticated first, when encrypted
+        record = open_object(kind, data, key, self.cipher)
         if digest(data).hex() != name:
             raise IntegrityError(f"{key}: content does not match its name (corrupted)")
-        packs: dict[PackId, int] = {}
-        entries: list[BlobEntry] = []
-        for pack in record["packs"]:
-            pack_id = PackId(pack["id"])
-            packs[pack_id] = int(pack["size"])
-            entries.extend(BlobEntry.from_row(pack_id, row) for row in pack["blobs"])
-        self.catalog.add_index(name, packs, entries)
+        return dict(record)
 
     def rebuild_index_from_packs(self) -> int:
         """Recreate index objects from pack trailers (after index loss); returns packs indexed."""
         self.sync_index()
-        indexed = self.catalog.packs()
+        indexed = set(self.catalog.packs()) | set(self.catalog.condemned_packs())  # condemned: prune's to delete
         found = 0
         for key, size in self.backend.list(DATA_PREFIX):
             pack_id = PackId.from_hex(key.rsplit("/", 1)[-1])
@@ -287,11 +322,23 @@ class Repository:
 
     def _store(self, blob_type: BlobType, blob_id: ChunkId, raw: bytes) -> int:
         encoded = encode_blob(raw, blob_id, self.cipher)  # outside the lock: lz4 releases the GIL
+        self._append(blob_type, blob_id, encoded, len(raw))
+        return len(encoded)
+
+    def copy_blob(self, entry: BlobEntry, stored: bytes | memoryview) -> None:
+        """Put a blob, as stored in another pack, into a new pack: prune's repack. The
+        stored bytes depend only on the blob (an encrypted one is bound to its id, not to
+        its pack), so they are copied, not decoded and encoded again."""
+        with self._lock:
+            self._session_ids.add(entry.id)
+        self._append(entry.type, entry.id, bytes(stored), entry.raw_length)
+
+    def _append(self, blob_type: BlobType, blob_id: ChunkId, encoded: bytes, raw_length: int) -> None:
         with self._lock:
             builder = self._builders[blob_type]
-            builder.add(blob_id, encoded, len(raw))
+            builder.add(blob_id, encoded, raw_length)
             self.stats.blobs_added += 1
-            self.stats.raw_bytes_added += len(raw)
+            self.stats.raw_bytes_added += raw_length
             self.stats.stored_bytes_added += len(encoded)
             if blob_type == BlobType.TREE:
                 self.stats.tree_bytes_added += len(encoded)
@@ -300,7 +347,6 @@ class Repository:
                 self._builders[blob_type] = PackBuilder(blob_type, self.cipher)
         if full:
             self._upload(builder)
-        return len(encoded)
 
     def _upload(self, builder: PackBuilder) -> None:
         if self.backend.concurrency == 1:
@@ -398,10 +444,17 @@ class Repository:
         if batch:
             self._write_index(batch)
 
+    def session_entries(self) -> list[BlobEntry]:
+        """Where the blobs this session stored went (their packs are durable)."""
+        with self._lock:
+            return list(self._uploaded.values())
+
     # ---- reading blobs ----------------------------------------------------------------------
 
     def locate(self, blob_id: ChunkId) -> BlobEntry:
         entry = self._uploaded.get(blob_id) or self.catalog.lookup(blob_id)
+        if entry is None and self.read_condemned:
+            entry = self.catalog.lookup_condemned_many([blob_id]).get(blob_id)
         if entry is None:
             raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
         return entry
@@ -411,6 +464,8 @@ class Repository:
         wanted = list(dict.fromkeys(blob_ids))
         found = {b: self._uploaded[b] for b in wanted if b in self._uploaded}
         found |= self.catalog.lookup_many([b for b in wanted if b not in found])
+        if self.read_condemned and len(found) < len(wanted):
+            found |= self.catalog.lookup_condemned_many([b for b in wanted if b not in found])
         for blob_id in wanted:
             if blob_id not in found:
                 raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
@@ -453,6 +508,21 @@ class Repository:
         self._cache_trees((bytes(b.id), bytes(view[b.offset - start:b.offset - start + b.length]))
                           for b in blobs if b.type == BlobType.TREE)
         return raw
+
+    # ---- locks -----------------------------------------------------------------------------
+
+    def lock(self, kind: str) -> Lock:
+        """Take a lock of ``kind`` (see engine/locks.py); use as a context manager."""
+        return Lock(self.backend, self.cipher, kind).acquire()
+
+    def read_lock(self) -> Lock | None:
+        """A read lock, when the credentials allow writing one: it makes a prune wait
+        before deleting packs this reader may be about to read. Read-only access gets
+        none, and a restore racing a prune that moves its blobs may then have to be rerun."""
+        try:
+            return self.lock("read")
+        except EngineError:
+            return None
 
     # ---- snapshots ----------------------------------------------------------------------------
 
@@ -502,8 +572,15 @@ class Repository:
             missing -= self._load_from_summary(missing)
         if len(missing) > 1 and self.backend.concurrency > 1:
             with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="records") as pool:
-                list(pool.map(self.load_snapshot, sorted(missing)))
-        return [self.load_snapshot(key) for _, _, key in keys]
+                list(pool.map(self._load_if_present, sorted(missing)))
+        return [snap for snap in map(self._load_if_present, (key for _, _, key in keys)) if snap is not None]
+
+    def _load_if_present(self, key: str) -> SnapshotInfo | None:
+        """A listed record, or None if it was deleted since the listing (forgotten)."""
+        try:
+            return self.load_snapshot(key)
+        except ObjectNotFound:
+            return None
 
     def write_summary(self) -> None:
         """Write one object holding every snapshot record (as stored), then delete older
@@ -521,7 +598,10 @@ class Repository:
             entries.append([snap.key, sealed])
         data = seal_object(Kind.SNAPSHOT_SUMMARY, {"snapshots": entries}, self.cipher)
         key = summary_key(snaps[-1].time, digest(data))
-        older = [k for k, _ in self.backend.list(SUMMARY_PREFIX) if k < key]
+        # Older summaries go, and one of the same time (written before a forget): the new
+        # one holds a subset of its records. A newer one, by a concurrent writer, stays.
+        stamp = key.rsplit("_", 1)[0]
+        older = [k for k, _ in self.backend.list(SUMMARY_PREFIX) if k.rsplit("_", 1)[0] <= stamp and k != key]
         self.backend.put(key, data)
         for stale in older:
             self.backend.delete(stale)
@@ -572,6 +652,15 @@ class Repository:
 
     # ---- failure -------------------------------------------------------------------------
 
+    def start_session(self) -> None:
+        """Begin a write session (one snapshot): blobs of earlier sessions are found in
+        the catalog from now on, not in this object's memory. A long-lived process takes
+        many snapshots, and a prune may condemn what an earlier one stored."""
+        self.flush()
+        with self._lock:
+            self._session_ids = set()
+            self._uploaded = {}
+
     def discard_unwritten(self) -> None:
         """Forget blobs of this session that never reached storage (after a failed run),
         so a retry with this object uploads them instead of trusting they exist."""
@@ -580,6 +669,17 @@ class Repository:
             self._upload_error = None
             self._session_ids = set(self._uploaded)
             self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}
+
+
+def _packs_and_entries(record: dict[str, Any]) -> tuple[dict[PackId, int], list[BlobEntry]]:
+    """The packs (with sizes) and blob entries of an index object or a garbage record."""
+    packs: dict[PackId, int] = {}
+    entries: list[BlobEntry] = []
+    for pack in record["packs"]:
+        pack_id = PackId(pack["id"])
+        packs[pack_id] = int(pack["size"])
+        entries.extend(BlobEntry.from_row(pack_id, row) for row in pack["blobs"])
+    return packs, entries
 
 
 def check_snapshot_time(key: str, record: dict[str, Any]) -> None:

@@ -26,8 +26,9 @@ from .catalog import CachedFile
 from .chunker import CDC, chunk_stream
 from .clubcheck import Expected, expected_blobs
 from .consistency import CLUB_DB, Cut, consistent_cut
-from .errors import EngineError, SourceError
+from .errors import EngineError, IntegrityError, SourceError
 from .format import ID_SIZE, BlobType, ChunkId, display
+from .locks import Lock
 from .repository import Repository, SnapshotInfo, WriteStats
 from .backends.s3 import ObjectInfo, S3Backend
 from .errors import ObjectNotFound
@@ -90,14 +91,22 @@ class SnapshotResult:
 
 
 def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
-    try:
-        return _create(repo, options)
-    except BaseException:
-        repo.discard_unwritten()
-        raise
+    """Take a snapshot under a snapshot lock, reading (and deduplicating against) live
+    blobs only: a blob in a pack a prune condemned may be deleted before this snapshot
+    is saved (docs/format.md §10)."""
+    with repo.lock("snapshot") as lock:
+        repo.start_session()
+        repo.read_condemned = False
+        try:
+            return _create(repo, options, lock)
+        except BaseException:
+            repo.discard_unwritten()
+            raise
+        finally:
+            repo.read_condemned = True
 
 
-def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
+def _create(repo: Repository, options: SnapshotOptions, lock: Lock) -> SnapshotResult:
     root = _check_source(options.source, bucket=options.blob_store is not None)
     written_before = replace(repo.stats)
     requests_before = repo.backend.snapshot()
@@ -139,6 +148,7 @@ def _create(repo: Repository, options: SnapshotOptions) -> SnapshotResult:
     requests = _requests_since(repo, requests_before)
     record = _snapshot_record(options, source_key, start, tree, builder, scan, parent, written, cut,
                               {"requests": requests, **({"blobs_requests": store.request_counts()} if store else {})})
+    lock.ensure_held()  # a prune that took this run for dead may have deleted what it uses
     info = repo.save_snapshot(record, start)
     repo.catalog.update_files(source_key, builder.cache_updates, set(cache) - builder.seen)
     if store:
@@ -533,14 +543,23 @@ def _parent(repo: Repository, source: str, host: str) -> SnapshotInfo | None:
     """The newest snapshot of the same source and host: records are read newest first
     and only until one matches, so the cost does not grow with the number of snapshots."""
     for _, _, key in reversed(repo.snapshot_keys()):
-        snap = repo.load_snapshot(key)
+        try:
+            snap = repo.load_snapshot(key)
+        except ObjectNotFound:
+            continue  # forgotten since the listing
         if snap.record.get("source") == source and snap.record.get("host") == host:
             return snap
     return None
 
 
 def _entry_at(repo: Repository, snapshot: SnapshotInfo | None, rel: bytes) -> Entry | None:
-    found = lookup(repo, snapshot.tree, rel) if snapshot else None
+    """The parent's entry for ``rel``, or None: also when a tree on the way is no longer
+    live (a prune condemned it after the parent was forgotten), since a snapshot builds
+    only on what is live."""
+    try:
+        found = lookup(repo, snapshot.tree, rel) if snapshot else None
+    except IntegrityError:
+        return None
     return found[-1] if found else None
 
 

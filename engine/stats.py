@@ -8,8 +8,8 @@ from .repository import Repository
 
 
 def repository_stats(repo: Repository) -> dict[str, Any]:
-    repo.sync_index()
     snapshots = repo.snapshots()
+    repo.sync_index()
     counts = repo.catalog.counts()
     logical = [sum(t["bytes"] for t in s.record.get("tiers", {}).values()) for s in snapshots]
     total_logical = sum(logical)

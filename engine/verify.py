@@ -14,9 +14,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .errors import EngineError, IntegrityError
+from .errors import EngineError, IntegrityError, ObjectNotFound
 from .format import (
-    DATA_PREFIX, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, ChunkId, Kind, PackId, decode_blob, digest, open_object,
+    DATA_PREFIX, GARBAGE_PREFIX, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, ChunkId, Kind, PackId, decode_blob, digest, open_object,
     pack_key, parse_snapshot_key,
 )
 from .packs import verify_pack
@@ -44,15 +44,16 @@ def check(repo: Repository, read_data: bool = False, subset: float | None = None
           rng: random.Random | None = None) -> CheckReport:
     report = CheckReport()
     try:
-        repo.sync_index()
         snapshots = repo.snapshots()
+        repo.sync_index()  # after the listing: it names every blob a listed snapshot needs
     except EngineError as exc:
         report.errors.append(str(exc))
         return report
     report.snapshots = len(snapshots)
+    report.warnings += [f"{w} (a garbage record: prune condemns its packs again)" for w in repo.garbage_warnings]
     _check_stored_records(repo, report)
-    _check_packs(repo, report)
-    _check_snapshots(repo, snapshots, report)
+    stored = _check_packs(repo, report)
+    _check_snapshots(repo, snapshots, report, stored)
     if read_data or subset is not None:
         bad = _read_packs(repo, report, subset, progress, rng or random.Random())
         if bad:
@@ -75,6 +76,16 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
                     check_snapshot_time(key, record)
             except EngineError as exc:
                 report.errors.append(str(exc))
+    for key, _ in repo.backend.list(GARBAGE_PREFIX):
+        try:
+            data = repo.backend.get(key)
+            open_object(Kind.GARBAGE, data, key, repo.cipher)
+            if digest(data).hex() != key[len(GARBAGE_PREFIX):]:
+                raise IntegrityError(f"{key}: content does not match its name (corrupted)")
+        except ObjectNotFound:
+            continue  # swept meanwhile
+        except EngineError as exc:
+            report.warnings.append(f"{exc} (a garbage record: prune condemns its packs again)")
     for key, _ in repo.backend.list(SUMMARY_PREFIX):
         # Summaries only save requests (readers check each record they take from one):
         # a damaged one is worth a warning, not a failed check.
@@ -87,7 +98,8 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
             report.warnings.append(f"{exc} (a snapshot summary: listing falls back to the records)")
 
 
-def _check_packs(repo: Repository, report: CheckReport) -> None:
+def _check_packs(repo: Repository, report: CheckReport) -> set[PackId]:
+    """Indexed packs against the listing; returns the packs stored."""
     stored = {PackId.from_hex(key.rsplit("/", 1)[-1]): size for key, size in repo.backend.list(DATA_PREFIX)}
     indexed = repo.catalog.packs()
     report.packs = len(stored)
@@ -96,15 +108,28 @@ def _check_packs(repo: Repository, report: CheckReport) -> None:
             report.errors.append(f"{pack_key(pack)}: indexed pack is missing")
         elif stored[pack] != size:
             report.errors.append(f"{pack_key(pack)}: size {stored[pack]} differs from indexed {size}")
-    unindexed = len(set(stored) - set(indexed))
+    # Packs a prune condemned are neither: they wait for deletion (docs/format.md §10).
+    unindexed = len(set(stored) - set(indexed) - set(repo.catalog.condemned_packs()))
     if unindexed:
         report.warnings.append(f"{unindexed} pack(s) not in any index (left by an interrupted run; "
-                               f"their chunks are uploaded again when needed)")
+                               f"their chunks are uploaded again when needed, and prune deletes them)")
+    return set(stored)
 
 
-def _check_snapshots(repo: Repository, snapshots: list[SnapshotInfo], report: CheckReport) -> None:
+def _check_snapshots(repo: Repository, snapshots: list[SnapshotInfo], report: CheckReport,
+                     stored: set[PackId]) -> None:
     seen_trees: set[ChunkId] = set()
     seen_chunks: set[ChunkId] = set()
+    condemned = repo.catalog.condemned_packs()
+
+    def readable(chunk: ChunkId) -> bool:
+        """Indexed, or in a condemned pack still stored (a snapshot that finished while a
+        prune ran may use one until the next prune re-indexes it)."""
+        if repo.catalog.has_blob(chunk):
+            return True
+        entry = repo.catalog.lookup_condemned_many([chunk]).get(chunk) if condemned else None
+        return entry is not None and entry.pack in stored
+
     for snap in snapshots:
         stack = [(b"", snap.tree)]
         while stack:
@@ -123,11 +148,11 @@ def _check_snapshots(repo: Repository, snapshots: list[SnapshotInfo], report: Ch
                 if entry["type"] == "dir":
                     stack.append((path + b"/", ChunkId(entry["tree"])))
                 elif entry["type"] == "file":
-                    _check_file(repo, snap, path, entry, seen_chunks, report)
+                    _check_file(repo, snap, path, entry, seen_chunks, report, readable)
 
 
 def _check_file(repo: Repository, snap: SnapshotInfo, path: bytes, entry: Entry,
-                seen: set[ChunkId], report: CheckReport) -> None:
+                seen: set[ChunkId], report: CheckReport, readable: Callable[[ChunkId], bool]) -> None:
     if "page_map" in entry:
         if ChunkId(entry["page_map"]) in seen:
             return  # an unchanged database shares its parent's map, already checked
@@ -142,7 +167,7 @@ def _check_file(repo: Repository, snap: SnapshotInfo, path: bytes, entry: Entry,
     for chunk in chunks:
         if chunk in seen:
             continue
-        if not repo.catalog.has_blob(chunk):
+        if not readable(chunk):
             report.errors.append(f"snapshot {snap.id.short()} {_show(path)}: chunk {chunk.short()} missing")
             return
         seen.add(chunk)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine import format as fmt
-from engine import packs, repository
+from engine import locks, packs, repository
+from engine.prune import INDEX_ENTRIES_PER_OBJECT
 from engine.backends.fs import FsBackend
 from engine.errors import IntegrityError, UnsupportedFormat
 
@@ -31,6 +32,9 @@ def test_spec_constants_match_code() -> None:
         "MIN_COMPRESSION_GAIN": str(fmt.MIN_COMPRESSION_GAIN),
         "TARGET_PACK_SIZE": str(packs.TARGET_PACK_SIZE),
         "PACKS_PER_INDEX": str(repository.PACKS_PER_INDEX),
+        "INDEX_ENTRIES_PER_OBJECT": str(INDEX_ENTRIES_PER_OBJECT),
+        "REFRESH_EVERY": str(int(locks.REFRESH_EVERY.total_seconds())),
+        "STALE_AFTER": str(int(locks.STALE_AFTER.total_seconds())),
     }
     assert _spec_constants() == code
 

@@ -110,8 +110,13 @@ class FsBackend(Backend):
                     if name.startswith(TEMP_PREFIX):
                         continue
                     key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                    if key.startswith(prefix):
-                        yield key, os.stat(os.path.join(dirpath, name)).st_size
+                    if not key.startswith(prefix):
+                        continue
+                    try:
+                        size = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue  # deleted since the directory was read (a prune): not listed
+                    yield key, size
         except OSError as exc:
             raise from_os_error(exc, f"listing {base}") from exc
 

@@ -1,0 +1,183 @@
+"""Prune after frequent snapshots: what thinning to a daily policy costs and frees.
+
+A repository gets 200 snapshots of the small data set, one every 36 minutes of simulated
+time (five days), while a club-like writer commits and publishes throughout; each
+simulated day also gets a day of club activity (publishes, deletions). Then, through the
+command line, each step measured for time and peak memory (RSS):
+
+- ``forget --keep-daily 30 --utc --dry-run``, then ``forget`` itself;
+- ``prune --dry-run`` (what it predicts), then ``prune`` (what it frees, measured on disk);
+- ``check --read-data`` and ``verify`` of every kept snapshot afterwards: a prune that
+  loses anything fails the run.
+
+The snapshots are taken in-process with a simulated clock (``create_snapshot`` with a
+``now`` function), since a daily policy needs days; everything measured runs as a
+separate ``clubsnap`` process.
+
+Usage: ``python -m benchmarks.prune [--size small] [--count 200]`` (``make bench-prune``);
+writes docs/benchmarks-prune.md and benchmarks/results/prune.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks.clubgen import LiveWriter, generate, one_day
+from benchmarks.measure import run_measured
+from benchmarks.report import machine, publish
+from engine import Repository, SnapshotOptions, create_snapshot, open_backend
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "bench"
+INTERVAL = timedelta(minutes=36)
+POLICY = ["--keep-daily", "30", "--utc"]
+
+
+class _Clock:
+    def __init__(self, start: datetime) -> None:
+        self.current = start
+
+    def __call__(self) -> datetime:
+        return self.current
+
+
+def build(data: Path, repo: Path, cache: Path, count: int, seed: int) -> dict[str, Any]:
+    """``count`` snapshots, INTERVAL apart in simulated time, while club writes."""
+    clock = _Clock(datetime(2026, 11, 1, 0, 10, tzinfo=timezone.utc))
+    repository = Repository.init(open_backend(str(repo)), cache, clock, password=PASSWORD.encode(), kdf_log2_n=10)
+    started = time.monotonic()
+    day = commits = publishes = 0
+    taken = 0
+    while taken < count:
+        # A day of club activity (it deletes versions: the writer is restarted after it,
+        # so it never writes rows for a version that is gone), then that day's snapshots.
+        day += 1
+        one_day(data, seed=seed, day=day)
+        with LiveWriter(data, interval=0.005, publish_every=200, seed=day) as writer:
+            today = clock.current.date()
+            while taken < count and clock.current.date() == today:
+                create_snapshot(repository, SnapshotOptions(source=data, host="bench", now=clock))
+                clock.current += INTERVAL
+                taken += 1
+        commits, publishes = commits + writer.commits, publishes + writer.publishes
+    repository.close()
+    return {"snapshots": count, "simulated_days": day, "seconds": round(time.monotonic() - started, 1),
+            "writer_commits": commits, "writer_publishes": publishes}
+
+
+def _repo_bytes(repo: Path) -> int:
+    return sum(f.stat().st_size for f in repo.rglob("*") if f.is_file())
+
+
+def _count(repo: Path, prefix: str) -> int:
+    folder = repo / prefix
+    return sum(1 for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+def measure(size: str, count: int, seed: int, work: Path) -> dict[str, Any]:
+    shutil.rmtree(work, ignore_errors=True)
+    data, repo, cache = work / "data", work / "repo", work / "cache"
+    generate(data, size, seed=seed)
+    built = build(data, repo, cache, count, seed)
+    env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache),
+           "CLUBSNAP_PASSWORD": PASSWORD}
+
+    def run(*args: str) -> tuple[dict[str, float], Any]:
+        done = run_measured([sys.executable, "-m", "engine", "--json", *args], ROOT, env)
+        return done.figures, json.loads(done.stdout) if done.stdout.strip() else None
+
+    steps: dict[str, dict[str, float]] = {}
+    steps["forget --dry-run"], planned = run("forget", *POLICY, "--dry-run")
+    steps["forget"], forgotten = run("forget", *POLICY)
+    before = {"bytes": _repo_bytes(repo), "packs": _count(repo, "data"), "index_objects": _count(repo, "index")}
+    steps["prune --dry-run"], predicted = run("prune", "--dry-run")
+    steps["prune"], pruned = run("prune")
+    after = {"bytes": _repo_bytes(repo), "packs": _count(repo, "data"), "index_objects": _count(repo, "index")}
+    steps["check --read-data"], checked = run("check", "--read-data")
+    if not checked["ok"] or checked["warnings"]:
+        raise SystemExit(f"check after prune: {checked}")
+    kept = [s["id"] for s in run("snapshots")[1]]
+    for snap in kept:
+        run("verify", snap, "--temp-dir", str(work))  # raises on an inconsistent snapshot
+    freed = before["bytes"] - after["bytes"]
+    result = {
+        "size": size, "seed": seed, "machine": machine(), "build": built,
+        "policy": " ".join(POLICY), "kept": len(kept), "removed": len(forgotten["removed"]),
+        "planned_kept": planned["kept"], "before": before, "after": after, "steps": steps,
+        "prune": pruned, "predicted_freed_bytes": predicted["predicted_freed_bytes"], "freed_bytes": freed,
+        "prediction_error": round((freed - predicted["predicted_freed_bytes"]) / max(freed, 1), 4),
+        "verified_snapshots": len(kept),
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    mb = 1e6
+    built, prune_report = result["build"], result["prune"]
+    lines = [
+        "# Prune after frequent snapshots",
+        "",
+        f"`make bench-prune` (`python -m benchmarks.prune --size {result['size']} --count {built['snapshots']}`), "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}. Machine: {result['machine']['cpu']}, "
+        f"{result['machine']['cores']} cores, {result['machine']['memory_gib']} GiB.",
+        "",
+        f"{built['snapshots']} snapshots of the {result['size']} data set, one every "
+        f"{int(INTERVAL.total_seconds() // 60)} minutes of simulated time over {built['simulated_days']} days, "
+        f"while a club-like writer committed {built['writer_commits']:,} transactions and "
+        f"{built['writer_publishes']} publishes (plus a day of club activity per simulated day). "
+        f"Thinned with `forget {result['policy']}` to {result['kept']} snapshots "
+        f"({result['removed']} removed), then pruned (default `--max-unused 5%`). Every step is a separate "
+        f"`clubsnap` process; peak RSS is its own.",
+        "",
+        "| step | wall seconds | peak RSS |",
+        "|---|---:|---:|",
+    ]
+    for name, figures in result["steps"].items():
+        lines.append(f"| {name} | {figures['wall_s']:.2f} | {figures['peak_rss_mb']:.0f} MB |")
+    before, after = result["before"], result["after"]
+    lines += [
+        "",
+        "| repository | before prune | after prune |",
+        "|---|---:|---:|",
+        f"| bytes | {before['bytes'] / mb:,.1f} MB | {after['bytes'] / mb:,.1f} MB |",
+        f"| packs | {before['packs']} | {after['packs']} |",
+        f"| index objects | {before['index_objects']} | {after['index_objects']} |",
+        "",
+        f"- The dry run predicted {result['predicted_freed_bytes'] / mb:,.2f} MB; the repository shrank by "
+        f"{result['freed_bytes'] / mb:,.2f} MB ({result['prediction_error']:+.1%} off).",
+        f"- Prune deleted {prune_report['unused_packs']} unused packs and repacked {prune_report['repack_packs']} "
+        f"({prune_report['repack_small_packs']} of them small packs merged; "
+        f"{prune_report['repack_used_bytes'] / mb:,.1f} MB copied); {prune_report['garbage_left_bytes'] / mb:,.2f} "
+        f"MB of unused data stays in kept packs (within the 5% bound).",
+        f"- Afterwards `check --read-data` passed and all {result['verified_snapshots']} kept snapshots restored "
+        f"and verified (every blob club.db names present and intact).",
+        "- Memory: the used set is a temporary SQLite table and the index is streamed from the catalog, so "
+        "peak RSS does not grow with the number of blobs; what remains is the interpreter, SQLite's page "
+        "cache and one pack being repacked (16 MiB).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--work", default=str(ROOT / "bench-work" / "prune"))
+    args = parser.parse_args()
+    result = measure(args.size, args.count, args.seed, Path(args.work))
+    publish(result, report(result), ROOT / "docs" / "benchmarks-prune.md", ROOT / "benchmarks" / "results" / "prune.json")
+
+
+if __name__ == "__main__":
+    main()
