@@ -34,6 +34,8 @@ from benchmarks.clubgen import LiveWriter, generate, one_day
 from benchmarks.measure import run_measured
 from benchmarks.report import machine, publish
 from engine import Repository, SnapshotOptions, create_snapshot, open_backend
+from engine.format import BlobType
+from engine.tree import store_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "bench"
@@ -120,6 +122,62 @@ def measure(size: str, count: int, seed: int, work: Path) -> dict[str, Any]:
     return result
 
 
+def measure_scale(blobs: int, work: Path) -> dict[str, Any]:
+    """Prune's memory with millions of chunks: a synthetic repository (the data sets
+    above have tens of thousands) whose two snapshots name ``blobs`` distinct chunks in
+    all, a third of them only in the first. The first is forgotten, then prune runs."""
+    shutil.rmtree(work, ignore_errors=True)
+    repo, cache = work / "repo", work / "cache"
+    clock = _Clock(datetime(2026, 11, 1, tzinfo=timezone.utc))
+    repository = Repository.init(open_backend(str(repo)), cache, clock, password=PASSWORD.encode(), kdf_log2_n=10)
+    per_file, files = 1000, max(2, blobs * 2 // 3 // 1000)
+    started = time.monotonic()
+    contents = [_synthetic_file(repository, f"f{n:06d}".encode()) for n in range(files)]
+    first = _synthetic_snapshot(repository, clock, contents)
+    contents[files // 2:] = [_synthetic_file(repository, f"g{n:06d}".encode()) for n in range(files // 2, files)]
+    clock.current += timedelta(hours=1)
+    _synthetic_snapshot(repository, clock, contents)
+    repository.close()
+    built_s = time.monotonic() - started
+    env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache), "CLUBSNAP_PASSWORD": PASSWORD}
+
+    def run(*args: str) -> tuple[dict[str, float], Any]:
+        done = run_measured([sys.executable, "-m", "engine", "--json", *args], ROOT, env)
+        return done.figures, json.loads(done.stdout)
+
+    steps: dict[str, dict[str, float]] = {}
+    steps["forget"], _ = run("forget", first)
+    steps["prune --dry-run"], predicted = run("prune", "--dry-run")
+    steps["prune"], pruned = run("prune")
+    steps["check"], checked = run("check")
+    if not checked["ok"]:
+        raise SystemExit(f"check after the scale prune: {checked}")
+    shutil.rmtree(work, ignore_errors=True)
+    return {"blobs": files * per_file * 3 // 2, "files": files, "chunks_per_file": per_file,
+            "build_s": round(built_s, 1), "steps": steps, "used_blobs": pruned["used_blobs"],
+            "predicted_freed_bytes": predicted["predicted_freed_bytes"], "prune": pruned}
+
+
+def _synthetic_file(repository: Repository, name: bytes) -> dict[str, Any]:
+    """A file entry of 1000 distinct 64-byte chunks (random: no two files share one)."""
+    blobs = {}
+    for _ in range(1000):
+        raw = os.urandom(64)
+        blobs[repository.chunk_id(raw)] = raw
+    repository.add_blobs(BlobType.DATA, blobs)
+    return {"name": name, "type": "file", "mode": 0o644, "mtime": 0, "uid": 0, "gid": 0, "size": 64_000,
+            "chunker": "cdc", "chunks": [bytes(c) for c in blobs]}
+
+
+def _synthetic_snapshot(repository: Repository, clock: _Clock, files: list[dict[str, Any]]) -> str:
+    blobs_dir = store_tree(repository, sorted(files, key=lambda e: e["name"]))
+    root = store_tree(repository, [{"name": b"blobs", "type": "dir", "mode": 0o755, "mtime": 0, "uid": 0, "gid": 0,
+                                    "tree": bytes(blobs_dir)}])
+    record = {"time": clock.current.isoformat(), "host": "synthetic", "source": "/synthetic", "tags": [],
+              "parent": None, "tree": bytes(root), "tiers": {}, "stats": {}, "program": "benchmarks.prune"}
+    return repository.save_snapshot(record, clock.current).id.hex()
+
+
 def report(result: dict[str, Any]) -> str:
     mb = 1e6
     built, prune_report = result["build"], result["prune"]
@@ -160,9 +218,36 @@ def report(result: dict[str, Any]) -> str:
         f"MB of unused data stays in kept packs (within the 5% bound).",
         f"- Afterwards `check --read-data` passed and all {result['verified_snapshots']} kept snapshots restored "
         f"and verified (every blob club.db names present and intact).",
-        "- Memory: the used set is a temporary SQLite table and the index is streamed from the catalog, so "
-        "peak RSS does not grow with the number of blobs; what remains is the interpreter, SQLite's page "
-        "cache and one pack being repacked (16 MiB).",
+        "",
+    ]
+    scale = result.get("scale")
+    if scale:
+        lines += [
+            "## Millions of chunks",
+            "",
+            f"A synthetic repository (`--scale-blobs {scale['blobs']}`): {scale['files']} files of "
+            f"{scale['chunks_per_file']} distinct 64-byte chunks, two snapshots sharing half the files, "
+            f"{scale['blobs']:,} chunks in all (built in {scale['build_s']:.0f} s). The first snapshot is forgotten: "
+            f"{scale['used_blobs']:,} chunks stay used, a third of the repository is garbage.",
+            "",
+            "| step | wall seconds | peak RSS |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {name} | {f['wall_s']:.2f} | {f['peak_rss_mb']:.0f} MB |" for name, f in scale["steps"].items()]
+        lines += [
+            "",
+            f"Prune deleted {scale['prune']['packs_deleted']} packs and repacked {scale['prune']['repack_packs']}, "
+            f"freeing {scale['prune']['freed_bytes'] / mb:,.1f} MB (predicted "
+            f"{scale['predicted_freed_bytes'] / mb:,.1f} MB).",
+            "",
+        ]
+    lines += [
+        "Memory: the used set is a temporary SQLite table (on disk past SQLite's page cache), the index and "
+        "the garbage records are written from the catalog in objects of at most 100,000 entries, and packs "
+        "are repacked one at a time, so prune's peak RSS is bounded by those batches and one 16 MiB pack "
+        "(and a tree pack being read), not by the number of chunks. The key derivation is set cheap "
+        "(`kdf_log2_n=10`) in both repositories, so the figures are prune's own (a calibrated key adds "
+        "~0.4 s to each command).",
         "",
     ]
     return "\n".join(lines)
@@ -173,9 +258,13 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--scale-blobs", type=int, default=2_000_000, help="chunks in the synthetic repository "
+                                                                          "(0: skip that part)")
     parser.add_argument("--work", default=str(ROOT / "bench-work" / "prune"))
     args = parser.parse_args()
     result = measure(args.size, args.count, args.seed, Path(args.work))
+    if args.scale_blobs:
+        result["scale"] = measure_scale(args.scale_blobs, Path(args.work) / "scale")
     publish(result, report(result), ROOT / "docs" / "benchmarks-prune.md", ROOT / "benchmarks" / "results" / "prune.json")
 
 

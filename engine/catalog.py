@@ -94,9 +94,10 @@ class Catalog:
         self._conn.executescript("""
             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
             CREATE TABLE IF NOT EXISTS garbage_objects (name TEXT PRIMARY KEY);
-            CREATE TABLE IF NOT EXISTS condemned_packs (id BLOB PRIMARY KEY, size INTEGER, garbage TEXT);
-            CREATE TABLE IF NOT EXISTS condemned_blobs (id BLOB PRIMARY KEY, type INTEGER, pack BLOB,
-                                                        offset INTEGER, length INTEGER, raw_length INTEGER);
+            CREATE TABLE IF NOT EXISTS condemned_packs (id BLOB, size INTEGER, garbage TEXT,
+                                                        PRIMARY KEY (id, garbage));
+            CREATE TABLE IF NOT EXISTS condemned_blobs (id BLOB, type INTEGER, pack BLOB, offset INTEGER,
+                                                        length INTEGER, raw_length INTEGER, PRIMARY KEY (id, pack));
             CREATE INDEX IF NOT EXISTS condemned_by_pack ON condemned_blobs (pack);
         """)
 
@@ -124,16 +125,33 @@ class Catalog:
         with self._lock:
             return {row[0] for row in self._conn.execute("SELECT name FROM index_objects")}
 
-    def add_index(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry]) -> None:
-        """Record one index object's content; one transaction, so a crash leaves none of it."""
+    def generation(self) -> int:
+        """Bumped whenever the index is cleared or replaced: a process that read the index
+        objects before that must not add them after it (format §10)."""
+        with self._lock:
+            return int(self.meta("index_generation") or 0)
+
+    def _bump_generation(self) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('index_generation', "
+                           "(SELECT COALESCE(MAX(CAST(value AS INTEGER)), 0) + 1 FROM meta "
+                           "WHERE key = 'index_generation'))")
+
+    def add_index(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry],
+                  generation: int | None = None) -> bool:
+        """Record one index object's content; one transaction, so a crash leaves none of it.
+        With ``generation``, nothing is added (False) if the index was cleared or replaced
+        since: the object may be one a prune has deleted meanwhile."""
         with self._lock, self._conn:
-            self._conn.execute("BEGIN")
+            self._conn.execute("BEGIN IMMEDIATE")
+            if generation is not None and int(self.meta("index_generation") or 0) != generation:
+                return False
             self._conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)",
                                       [(bytes(p), s) for p, s in packs.items()])
             self._conn.executemany(
                 "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
                 [(bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length) for e in entries])
             self._conn.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", [name])
+        return True
 
     def clear_index(self) -> None:
         with self._lock, self._conn:
@@ -141,22 +159,33 @@ class Catalog:
             for table in ("index_objects", "packs", "blobs", "garbage_objects", "condemned_packs",
                           "condemned_blobs"):
                 self._conn.execute(f"DELETE FROM {table}")
+            self._bump_generation()
 
-    def replace_index(self, names: Iterable[str], new_packs: Iterable[tuple[bytes, int]],
-                      new_blobs_table: str, dropped_packs_table: str) -> None:
-        """After a prune: the live index becomes the given index objects. Entries of the
-        packs in ``dropped_packs_table`` leave it, those in ``new_blobs_table`` (same
-        columns as ``blobs``) enter it, replacing any older location; one transaction, so
-        another process sharing the catalog sees the old index or the new one."""
+    def copy_index(self, blobs_table: str, packs_table: str) -> set[str]:
+        """Copy the index (blobs, packs) into the given temporary tables in one read, and
+        return the index objects it holds: prune works on this copy, which no other
+        process sharing the catalog can clear or half-reload under it."""
         with self._lock, self._conn:
             self._conn.execute("BEGIN")
-            self._conn.execute(f"DELETE FROM blobs WHERE pack IN (SELECT id FROM {dropped_packs_table})")
-            self._conn.execute(f"DELETE FROM packs WHERE id IN (SELECT id FROM {dropped_packs_table})")
-            self._conn.execute(f"INSERT OR REPLACE INTO blobs SELECT * FROM {new_blobs_table}")
-            self._conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)", new_packs)
-            self._conn.execute("DELETE FROM index_objects")
+            for table, source in ((blobs_table, "blobs"), (packs_table, "packs")):
+                self._conn.execute(f"DROP TABLE IF EXISTS {table}")
+                self._conn.execute(f"CREATE TEMP TABLE {table.split('.')[-1]} AS SELECT * FROM {source}")
+            return {row[0] for row in self._conn.execute("SELECT name FROM index_objects")}
+
+    def replace_index(self, names: Iterable[str], blobs_query: str, packs_query: str) -> None:
+        """After a prune: the index becomes exactly what the queries give (rows of
+        ``blobs`` and ``packs``), named by ``names``; one transaction, so another process
+        sharing the catalog sees the old index or the new one, and the generation moves on
+        so that none adds what it read of the old index objects."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            for table in ("blobs", "packs", "index_objects"):
+                self._conn.execute(f"DELETE FROM {table}")
+            self._conn.execute(f"INSERT OR IGNORE INTO blobs {blobs_query}")
+            self._conn.execute(f"INSERT OR REPLACE INTO packs {packs_query}")
             self._conn.executemany("INSERT INTO index_objects VALUES (?)", [(n,) for n in names])
             self._conn.execute("DELETE FROM trees WHERE id NOT IN (SELECT id FROM blobs)")
+            self._bump_generation()
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """A query for prune's temporary tables (its working set lives on disk, not in memory)."""
@@ -188,7 +217,7 @@ class Catalog:
     def add_garbage(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry]) -> None:
         with self._lock, self._conn:
             self._conn.execute("BEGIN")
-            self._conn.executemany("INSERT OR REPLACE INTO condemned_packs VALUES (?, ?, ?)",
+            self._conn.executemany("INSERT OR IGNORE INTO condemned_packs VALUES (?, ?, ?)",
                                    [(bytes(p), s, name) for p, s in packs.items()])
             self._conn.executemany(
                 "INSERT OR IGNORE INTO condemned_blobs VALUES (?, ?, ?, ?, ?, ?)",
@@ -198,17 +227,15 @@ class Catalog:
     def remove_garbage(self, names: Iterable[str]) -> None:
         with self._lock, self._conn:
             self._conn.execute("BEGIN")
-            for name in names:
-                self._conn.execute("DELETE FROM condemned_blobs WHERE pack IN "
-                                   "(SELECT id FROM condemned_packs WHERE garbage=?)", [name])
+            for name in names:  # a pack two records name keeps its blobs until both are gone
                 self._conn.execute("DELETE FROM condemned_packs WHERE garbage=?", [name])
                 self._conn.execute("DELETE FROM garbage_objects WHERE name=?", [name])
+            self._conn.execute("DELETE FROM condemned_blobs WHERE pack NOT IN (SELECT id FROM condemned_packs)")
 
-    def condemned_packs(self) -> dict[PackId, tuple[int, str]]:
-        """Condemned pack -> (size, name of the garbage record naming it)."""
+    def condemned_packs(self) -> dict[PackId, int]:
+        """Packs some garbage record condemns, with their sizes."""
         with self._lock:
-            return {PackId(row[0]): (row[1], row[2])
-                    for row in self._conn.execute("SELECT id, size, garbage FROM condemned_packs")}
+            return {PackId(row[0]): row[1] for row in self._conn.execute("SELECT id, size FROM condemned_packs")}
 
     def lookup_condemned_many(self, ids: list[ChunkId]) -> dict[ChunkId, BlobEntry]:
         return self._lookup_many("condemned_blobs", ids)

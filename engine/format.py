@@ -30,10 +30,10 @@ PACK_FOOTER_MAGIC = b"CSPT"
 
 # magic, format version, kind, flags, reserved
 OBJECT_HEADER = struct.Struct("<4sBBBB")
-# magic, format version, 3 random bytes (so that two writes of the same blobs in the same
-# order never share a pack id: prune deletes packs by id, docs/format.md §10)
+# magic, format version, 3 reserved bytes
 PACK_HEADER = struct.Struct("<4sB3x")
-PACK_NONCE_SIZE = 3
+# random bytes between a pack's last blob and its trailer (docs/format.md §5)
+PACK_NONCE_SIZE = 16
 # trailer length, magic: the last 8 bytes of every pack
 PACK_FOOTER = struct.Struct("<I4s")
 

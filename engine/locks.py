@@ -40,11 +40,15 @@ class LockInfo:
     pid: int
     created: datetime
     refreshed: datetime
+    process_space: str = ""  # boot id and pid namespace: where ``pid`` means this process
 
     def stale(self, now: datetime, this_host: str) -> bool:
         if now - self.refreshed > STALE_AFTER:
             return True
-        return self.host == this_host and not _process_alive(self.pid)
+        # A pid is checked only in the pid space it was taken in: containers may share a
+        # host name, and a pid of theirs means nothing here.
+        same_space = self.host == this_host and self.process_space and self.process_space == process_space()
+        return bool(same_space) and not _process_alive(self.pid)
 
     def describe(self) -> str:
         return f"{self.kind} lock of pid {self.pid} on {self.host}, since {self.created.isoformat(timespec='seconds')}"
@@ -64,6 +68,16 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def process_space() -> str:
+    """This boot of this machine and this pid namespace, or "" where unknown (then no
+    lock is judged by its pid)."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
 def list_locks(backend: Backend, cipher: Cipher = PLAIN) -> tuple[list[LockInfo], list[str]]:
     """The readable locks, and the keys of locks that could not be read (damaged, or
     deleted while listed: the caller decides how careful to be about those)."""
@@ -73,7 +87,7 @@ def list_locks(backend: Backend, cipher: Cipher = PLAIN) -> tuple[list[LockInfo]
             record = open_object(Kind.LOCK, backend.get(key), key, cipher)
             found.append(LockInfo(key, str(record["kind"]), str(record["host"]), int(record["pid"]),
                                   datetime.fromisoformat(record["created"]),
-                                  datetime.fromisoformat(record["refreshed"])))
+                                  datetime.fromisoformat(record["refreshed"]), str(record.get("space", ""))))
         except ObjectNotFound:
             continue  # released meanwhile
         except (IntegrityError, UnsupportedFormat, KeyError, TypeError, ValueError):
@@ -105,14 +119,18 @@ class Lock:
         self.backend, self.cipher, self.kind = backend, cipher, kind
         self.key = f"{LOCKS_PREFIX}{kind}-{secrets.token_hex(8)}"
         self.created = datetime.now(timezone.utc)
-        self._last_written = 0.0  # time.monotonic() of the last successful write
+        self._last_written = 0.0  # time.time() of the last successful write (wall clock:
+        # a suspended machine's monotonic clock stands still, the others' do not)
+        self._lapsed = False  # a gap between writes long enough for a prune to call us dead
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _write(self) -> None:
-        record = {"kind": self.kind, "host": this_host(), "pid": os.getpid(), "created": self.created.isoformat(),
-                  "refreshed": datetime.now(timezone.utc).isoformat()}
-        started = time.monotonic()
+        started = time.time()
+        if self._last_written and started - self._last_written > STALE_AFTER.total_seconds() / 2:
+            self._lapsed = True  # sticky: a later successful write does not undo the gap
+        record = {"kind": self.kind, "host": this_host(), "pid": os.getpid(), "space": process_space(),
+                  "created": self.created.isoformat(), "refreshed": datetime.now(timezone.utc).isoformat()}
         self.backend.put(self.key, seal_object(Kind.LOCK, record, self.cipher))
         self._last_written = started
 
@@ -133,10 +151,11 @@ class Lock:
         """Raise unless the lock is fresh: called before a write that is safe only while
         prune knows this process is alive. (No request: a lock refreshed within half the
         stale time is live to every prune whose clock is within a quarter hour of ours.)"""
-        if time.monotonic() - self._last_written > STALE_AFTER.total_seconds() / 2:
-            raise RepositoryLocked(f"{self.key} could not be refreshed for "
-                                   f"{int(time.monotonic() - self._last_written)} s; stopping before prune "
-                                   f"takes this {self.kind} for dead (nothing was saved; run it again)")
+        gap = time.time() - self._last_written
+        if self._lapsed or gap > STALE_AFTER.total_seconds() / 2:
+            raise RepositoryLocked(f"{self.key} went {'unrefreshed for a while' if self._lapsed else f'{int(gap)} s unrefreshed'}"
+                                   f" (suspended, or storage unreachable); stopping before anything that a prune "
+                                   f"could have taken this {self.kind} for dead over (run it again)")
 
     def release(self) -> None:
         self._stop.set()

@@ -17,8 +17,7 @@ from .errors import IntegrityError, UnsupportedFormat
 from .crypto import PLAIN, Cipher
 from .format import (
     FORMAT_VERSION, OLDEST_READABLE_VERSION, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, PACK_MAGIC, PACK_NONCE_SIZE,
-    BlobType,
-    ChunkId, Kind, PackId, decode_blob, digest, open_object, pack_key, seal_object,
+    BlobType, ChunkId, Kind, PackId, decode_blob, digest, open_object, pack_key, seal_object,
 )
 
 # Big enough that S3 request counts stay low, small enough to hold one in memory per
@@ -56,7 +55,6 @@ class PackBuilder:
         self.blob_type = blob_type
         self.cipher = cipher
         self._buffer = bytearray(PACK_HEADER.pack(PACK_MAGIC, FORMAT_VERSION))
-        self._buffer[PACK_HEADER.size - PACK_NONCE_SIZE:] = secrets.token_bytes(PACK_NONCE_SIZE)
         self._rows: list[tuple[ChunkId, int, int, int]] = []
 
     def add(self, blob_id: ChunkId, encoded: bytes, raw_length: int) -> None:
@@ -74,6 +72,9 @@ class PackBuilder:
         """Close the pack; the buffer is handed over, not copied (packs are 16 MiB)."""
         rows = [[bytes(i), int(self.blob_type), off, ln, raw] for i, off, ln, raw in self._rows]
         trailer = seal_object(Kind.PACK_TRAILER, rows, self.cipher)
+        # Random bytes no blob covers: two writes of the same blobs in the same order are
+        # two packs, never one id (prune deletes packs by id: format §10).
+        self._buffer += secrets.token_bytes(PACK_NONCE_SIZE)
         self._buffer += trailer
         self._buffer += PACK_FOOTER.pack(len(trailer), PACK_FOOTER_MAGIC)
         data = self._buffer

@@ -29,12 +29,12 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
 
 from . import locks
-from .errors import IntegrityError, ObjectNotFound, RepositoryLocked
+from .errors import IntegrityError, ObjectNotFound, RepositoryLocked, UnsupportedFormat
 from .format import (
     DATA_PREFIX, GARBAGE_PREFIX, ID_SIZE, BlobType, ChunkId, Kind, PackId, decode_blob, digest, index_key,
     pack_key, seal_object, unpack_record,
 )
-from .packs import BlobEntry
+from .packs import BlobEntry, read_trailer
 from .pagemap import load_page_ids, map_blobs
 from .repository import Repository, SnapshotInfo
 
@@ -97,7 +97,7 @@ def prune(repo: Repository, options: PruneOptions) -> PruneReport:
         return _Pruner(repo, options).run()  # writes nothing, so needs no lock
     with repo.lock("prune") as own:
         _refuse_concurrent_prune(repo, own)
-        return _Pruner(repo, options).run()
+        return _Pruner(repo, options, own).run()
 
 
 def _refuse_concurrent_prune(repo: Repository, own: locks.Lock) -> None:
@@ -109,13 +109,18 @@ def _refuse_concurrent_prune(repo: Repository, own: locks.Lock) -> None:
 
 
 class _Pruner:
-    def __init__(self, repo: Repository, options: PruneOptions) -> None:
+    """One prune run. Its working set lives in temporary tables of the catalog's SQLite
+    connection (``temp.prune_*``): the used set, and a private copy of the index taken
+    in one read, which no other process sharing the catalog can clear or reload under it."""
+
+    def __init__(self, repo: Repository, options: PruneOptions, own: locks.Lock | None = None) -> None:
         self.repo = repo
         self.catalog = repo.catalog
         self.options = options
+        self.own = own
         self.report = PruneReport(dry_run=options.dry_run)
         self.used = UsedSet(repo)
-        self.own_index: set[str] = set()  # index objects the repack wrote (superseded at once)
+        self.sql = self.catalog.execute
 
     def say(self, text: str) -> None:
         if self.options.progress:
@@ -129,71 +134,105 @@ class _Pruner:
         # The index is read after that listing: it then names every blob they need.
         running = self._running_processes()
         snapshots = repo.snapshots()
-        repo.sync_index()
+        listed_index = self._private_index()
         report.warnings += repo.garbage_warnings
-        old_index = self.catalog.index_object_names()
-        report.index_objects_before = len(old_index)
+        report.index_objects_before = len(listed_index)
         earlier = self._earlier_garbage()
-        sweepable = {name for name, record in earlier.items() if _may_sweep(record, running)}
+        sweepable = {name for name, (waiting_for, _) in earlier.items() if _may_sweep(waiting_for, running)}
         report.snapshots = len(snapshots)
         self.say(f"marking blobs used by {len(snapshots)} snapshot(s)")
         for snap in snapshots:
             self.used.mark_snapshot(snap)
         self.used.flush()
-        plan = self._plan(sweepable)
+        plan = self._plan(earlier, sweepable)
         if self.options.dry_run:
             return report
 
         written_before = replace(repo.stats)
-        moved = self._repack(plan.repack)
-        new_index = self._write_index(plan, moved)
-        garbage_name = self._write_garbage(plan.condemned, waiting_for=None)
-        self.catalog.replace_index(new_index, self._new_pack_sizes(plan, moved), "temp.prune_new_blobs",
-                                   "temp.prune_dropped")
-        if garbage_name:
-            repo.read_garbage(garbage_name, catalog=True)
-        # An unchanged index consolidates to the same bytes, hence the same name, in a
-        # plain repository: what was just written is never among what goes.
-        superseded = (old_index | self.own_index) - set(new_index)
+        own_index = self._repack(plan.repack)
+        new_index = self._write_index(plan)
+        garbage = self._write_garbage(plan.condemned)  # step 4: before the old index goes
+        self.catalog.replace_index(
+            new_index,
+            "SELECT * FROM temp.prune_blobs WHERE pack NOT IN (SELECT id FROM temp.prune_dropped) "
+            "AND id NOT IN (SELECT id FROM temp.prune_new_blobs) UNION ALL SELECT * FROM temp.prune_new_blobs",
+            "SELECT * FROM temp.prune_packs WHERE id NOT IN (SELECT id FROM temp.prune_dropped) "
+            "UNION SELECT id, size FROM temp.prune_new_packs")
+        # Step 5. Only what this run listed or wrote goes (an index object another process
+        # wrote since stays); in a plain repository an unchanged index consolidates to the
+        # same bytes, hence the same name: what was just written never goes.
+        superseded = (listed_index | own_index) - set(new_index)
+        self._ensure_held()
         self.say(f"deleting {len(superseded)} superseded index object(s)")
         for name in sorted(superseded):
             repo.backend.delete(index_key(bytes.fromhex(name)))
         report.index_objects_after = len(new_index)
 
         self._sweep_earlier(plan, sweepable)
-        if garbage_name:
-            self._sweep_new(garbage_name, {s.key for s in snapshots})
+        self._hand_on_unlisted(earlier, running)
+        if garbage:
+            self._sweep_new(garbage, {s.key for s in snapshots})
+        repo.sync_index()
         report.stale_locks_removed = len(locks.remove_stale(repo.backend, repo.cipher))
         report.freed_bytes -= repo.stats.since(written_before).pack_bytes_written  # net of the repack's packs
         return report
 
+    def _ensure_held(self) -> None:
+        """Before deleting: a prune whose own lock lapsed may have a second one beside it."""
+        if self.own is not None:
+            self.own.ensure_held()
+
     # ---- planning -------------------------------------------------------------------------
+
+    def _private_index(self) -> set[str]:
+        """Refresh the catalog, then copy its index into ``temp.prune_blobs/packs`` in one
+        read; returns the index objects listed. The copy must hold every one of them: a
+        process on this host may have cleared the catalog in between (then again)."""
+        for _ in range(5):
+            listed = self.repo.sync_index()
+            held = self.catalog.copy_index("temp.prune_blobs", "temp.prune_packs")
+            if listed <= held:
+                self.sql("CREATE INDEX temp.prune_blobs_id ON prune_blobs (id)")
+                self.sql("CREATE INDEX temp.prune_blobs_pack ON prune_blobs (pack)")
+                return listed
+        raise RepositoryLocked("the local catalog kept being rebuilt by another process (a 'cache --rebuild'?); "
+                               "prune again when it has finished")
 
     def _running_processes(self) -> set[str]:
         """Lock keys of running snapshots and readers; unreadable locks count as running."""
         found, unreadable = locks.live_locks(self.repo.backend, self.repo.cipher, ("snapshot", "read"))
         return {lock.key for lock in found} | set(unreadable)
 
-    def _earlier_garbage(self) -> dict[str, dict[str, Any]]:
+    def _earlier_garbage(self) -> dict[str, tuple[list[str] | None, dict[PackId, int]]]:
+        """Every garbage record: whom it waits for, and its packs with their sizes (its
+        blob lists are read again, one record at a time, only when it is swept)."""
         records = {}
-        for name in self.catalog.garbage_names():
+        for key, _ in self.repo.backend.list(GARBAGE_PREFIX):
+            name = key[len(GARBAGE_PREFIX):]
             try:
-                records[name] = self.repo.read_garbage(name)
+                record = self.repo.read_garbage(name)
             except ObjectNotFound:
                 continue
+            except (IntegrityError, UnsupportedFormat) as exc:
+                # Its packs look unindexed below: condemned anew, with their trailers' lists.
+                self.report.warnings.append(f"{exc} (its packs are condemned again)")
+                continue
+            waiting_for = record.get("waiting_for")
+            records[name] = (None if waiting_for is None else [str(k) for k in waiting_for],
+                             {PackId(p["id"]): int(p["size"]) for p in record["packs"]})
         return records
 
-    def _plan(self, sweepable: set[str]) -> "_Plan":
-        report, catalog = self.report, self.catalog
+    def _plan(self, earlier: dict[str, tuple[list[str] | None, dict[PackId, int]]], sweepable: set[str]) -> "_Plan":
+        report = self.report
         stored = {PackId.from_hex(key.rsplit("/", 1)[-1]): size for key, size in self.repo.backend.list(DATA_PREFIX)}
-        live = catalog.packs()
-        condemned = catalog.condemned_packs()
+        live = {PackId(row[0]): row[1] for row in self.sql("SELECT id, size FROM temp.prune_packs")}
+        condemned = {pack for _, packs in earlier.values() for pack in packs}
         report.packs, report.pack_bytes = len(stored), sum(stored.values())
         plan = _Plan()
-        usage = catalog.execute(
+        usage = self.sql(
             "SELECT b.pack, COUNT(u.id), COALESCE(SUM(CASE WHEN u.id IS NULL THEN 0 ELSE b.length END), 0), "
             "COALESCE(SUM(CASE WHEN u.id IS NULL THEN b.length ELSE 0 END), 0), MIN(b.type) "
-            "FROM blobs b LEFT JOIN temp.prune_used u ON u.id = b.id GROUP BY b.pack")
+            "FROM temp.prune_blobs b LEFT JOIN temp.prune_used u ON u.id = b.id GROUP BY b.pack")
         per_pack = {PackId(row[0]): (row[1], row[2], row[3]) for row in usage}
         pack_type = {PackId(row[0]): row[4] for row in usage}
         candidates = []
@@ -230,32 +269,77 @@ class _Pruner:
                     self._choose_repack(plan, pack, live[pack], used_count, used_bytes)
                     report.repack_small_packs += 1
                     report.garbage_left_bytes -= garbage
-        plan.repack_new_bytes += PACK_OVERHEAD_BYTES * -(-plan.repack_new_bytes // self.repo.config.pack_size)
-        for pack, size in stored.items():
-            if pack not in live and pack not in condemned:
-                plan.condemned[pack] = size  # a killed run's: no index names it
-                report.unindexed_packs += 1
-                report.unindexed_bytes += size
-        # Earlier garbage: rescued if a snapshot uses a blob in it, kept if indexed again.
-        for pack, (size, name) in condemned.items():
-            if name not in sweepable:
-                if pack in stored:
-                    report.pending_packs += 1
-                    report.pending_bytes += size
-                continue
-            if pack in live:
-                continue
-            if catalog.execute("SELECT 1 FROM condemned_blobs c JOIN temp.prune_used u ON u.id = c.id "
-                               "WHERE c.pack = ? AND c.id NOT IN (SELECT id FROM blobs) LIMIT 1", [bytes(pack)]):
-                plan.rescue[pack] = size
-                report.rescued_packs += 1
-            elif pack in stored:
-                plan.sweep[pack] = size
-                report.swept_earlier_packs += 1
-                report.swept_earlier_bytes += size
+        self._plan_unindexed(plan, stored, live, condemned)
+        self._plan_earlier(plan, earlier, sweepable, stored, live)
         report.predicted_freed_bytes = (sum(plan.condemned.values()) - plan.repack_new_bytes
                                         + sum(plan.sweep.values()))
         return plan
+
+    def _plan_unindexed(self, plan: "_Plan", stored: dict[PackId, int], live: dict[PackId, int],
+                        condemned: set[PackId]) -> None:
+        """Packs no index and no garbage record names (a killed run's) are condemned, with
+        the blob lists of their trailers: a snapshot of that run may yet be saved (its lock
+        is then live) and its blobs must be found and rescued."""
+        self.sql("CREATE TEMP TABLE IF NOT EXISTS prune_extra (id BLOB, type INTEGER, pack BLOB, offset INTEGER, "
+                 "length INTEGER, raw_length INTEGER)")
+        self.sql("DELETE FROM temp.prune_extra")
+        for pack, size in sorted(stored.items()):
+            if pack in live or pack in condemned:
+                continue
+            try:
+                entries = read_trailer(self.repo.backend, pack, size, self.repo.cipher)
+            except ObjectNotFound:
+                continue  # deleted since the listing
+            except (IntegrityError, UnsupportedFormat) as exc:
+                self.report.warnings.append(f"{exc} (an unindexed pack: left alone)")
+                continue
+            self.catalog.executemany("INSERT INTO temp.prune_extra VALUES (?, ?, ?, ?, ?, ?)", [
+                (bytes(e.id), int(e.type), bytes(pack), e.offset, e.length, e.raw_length) for e in entries])
+            plan.condemned[pack] = size
+            self.report.unindexed_packs += 1
+            self.report.unindexed_bytes += size
+
+    def _plan_earlier(self, plan: "_Plan", earlier: dict[str, tuple[list[str] | None, dict[PackId, int]]],
+                      sweepable: set[str], stored: dict[PackId, int], live: dict[PackId, int]) -> None:
+        """Earlier garbage: a pack of a sweepable record is rescued (indexed again) if it
+        holds a used blob no index names, left alone if an index names it again, and
+        deleted otherwise. Decided from the records' own blob lists."""
+        self.sql("CREATE TEMP TABLE IF NOT EXISTS prune_rescued (id BLOB, type INTEGER, pack BLOB, offset INTEGER, "
+                 "length INTEGER, raw_length INTEGER)")
+        self.sql("DELETE FROM temp.prune_rescued")
+        pending = {p: s for name, (_, packs) in earlier.items() if name not in sweepable for p, s in packs.items()}
+        for name in sorted(sweepable):
+            try:
+                record = self.repo.read_garbage(name)
+            except ObjectNotFound:
+                continue
+            for pack in record["packs"]:
+                pack_id, size = PackId(pack["id"]), int(pack["size"])
+                if pack_id in live or pack_id not in stored or pack_id in pending:
+                    continue  # indexed again; gone already; or still waited for by another record
+                if self._holds_needed(pack["blobs"]):
+                    self.catalog.executemany("INSERT INTO temp.prune_rescued VALUES (?, ?, ?, ?, ?, ?)",
+                                             [(r[0], r[1], bytes(pack_id), r[2], r[3], r[4]) for r in pack["blobs"]])
+                    plan.rescue[pack_id] = size
+                    self.report.rescued_packs += 1
+                else:
+                    plan.sweep[pack_id] = size
+                    self.report.swept_earlier_packs += 1
+                    self.report.swept_earlier_bytes += size
+        for pack, size in pending.items():
+            if pack in stored and pack not in live:
+                self.report.pending_packs += 1
+                self.report.pending_bytes += size
+
+    def _holds_needed(self, rows: list[list[Any]]) -> bool:
+        """Whether any of these blobs is used and named by no index (the private copy)."""
+        for start in range(0, len(rows), 500):
+            ids = [bytes(r[0]) for r in rows[start:start + 500]]
+            marks = ",".join("?" * len(ids))
+            if self.sql(f"SELECT 1 FROM temp.prune_used WHERE id IN ({marks}) AND id NOT IN "
+                        f"(SELECT id FROM temp.prune_blobs WHERE id IN ({marks})) LIMIT 1", ids + ids):
+                return True
+        return False
 
     def _choose_repack(self, plan: "_Plan", pack: PackId, size: int, used_count: int, used_bytes: int) -> None:
         plan.repack[pack] = size
@@ -267,15 +351,22 @@ class _Pruner:
 
     # ---- execution ------------------------------------------------------------------------
 
-    def _repack(self, packs: dict[PackId, int]) -> list[BlobEntry]:
-        """Copy the used blobs of ``packs`` into new packs; returns their new entries."""
+    def _repack(self, packs: dict[PackId, int]) -> set[str]:
+        """Copy the used blobs of ``packs`` into new packs, recording their new places in
+        ``temp.prune_new_blobs``/``prune_new_packs``; returns the index objects written."""
         repo = self.repo
+        self.sql("CREATE TEMP TABLE IF NOT EXISTS prune_new_blobs (id BLOB PRIMARY KEY, type INTEGER, pack BLOB, "
+                 "offset INTEGER, length INTEGER, raw_length INTEGER)")
+        self.sql("CREATE TEMP TABLE IF NOT EXISTS prune_new_packs (id BLOB PRIMARY KEY, size INTEGER)")
+        self.sql("DELETE FROM temp.prune_new_blobs")
+        self.sql("DELETE FROM temp.prune_new_packs")
         repo.start_session()
-        live_before = set(self.catalog.packs())
+        written_before = len(repo.index_objects_written)
+        copied = 0
         for number, pack in enumerate(sorted(packs), 1):
             self.say(f"repacking {number}/{len(packs)}")
-            entries = [BlobEntry(ChunkId(r[0]), BlobType(r[1]), pack, r[2], r[3], r[4]) for r in self.catalog.execute(
-                "SELECT b.id, b.type, b.offset, b.length, b.raw_length FROM blobs b "
+            entries = [BlobEntry(ChunkId(r[0]), BlobType(r[1]), pack, r[2], r[3], r[4]) for r in self.sql(
+                "SELECT b.id, b.type, b.offset, b.length, b.raw_length FROM temp.prune_blobs b "
                 "JOIN temp.prune_used u ON u.id = b.id WHERE b.pack = ? ORDER BY b.offset", [bytes(pack)])]
             key = pack_key(pack)
             try:
@@ -287,30 +378,36 @@ class _Pruner:
                 stored = data[entry.offset:entry.offset + entry.length]
                 decode_blob(stored, entry.id, key, repo.cipher)  # never copy a damaged blob on
                 repo.copy_blob(entry, stored)
-        before = set(self.catalog.index_object_names())
-        repo.flush()
-        self.own_index = self.catalog.index_object_names() - before
-        return [e for e in repo.session_entries() if e.pack not in live_before]
+            copied += len(entries)
+            if number == len(packs) or copied >= USED_BATCH:
+                self._record_moved()  # what is held in memory is bounded, however much moves
+                copied = 0
+        return set(repo.index_objects_written[written_before:])
 
-    def _write_index(self, plan: "_Plan", moved: list[BlobEntry]) -> list[str]:
-        """Write index objects naming every live blob once; returns their names."""
-        catalog = self.catalog
-        catalog.execute("CREATE TEMP TABLE IF NOT EXISTS prune_dropped (id BLOB PRIMARY KEY)")
-        catalog.execute("DELETE FROM temp.prune_dropped")
-        catalog.executemany("INSERT INTO temp.prune_dropped VALUES (?)", [(bytes(p),) for p in plan.condemned])
-        catalog.execute("CREATE TEMP TABLE IF NOT EXISTS prune_new_blobs (id BLOB PRIMARY KEY, type INTEGER, "
-                        "pack BLOB, offset INTEGER, length INTEGER, raw_length INTEGER)")
-        catalog.execute("DELETE FROM temp.prune_new_blobs")
-        catalog.executemany("INSERT OR REPLACE INTO temp.prune_new_blobs VALUES (?, ?, ?, ?, ?, ?)",
-                            [(bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length)
-                             for e in moved])
-        for pack in plan.rescue:
-            catalog.execute("INSERT OR IGNORE INTO temp.prune_new_blobs SELECT * FROM condemned_blobs WHERE pack = ?",
-                            [bytes(pack)])
-        sizes = catalog.packs() | {p: size for p, size in plan.rescue.items()}
-        rows = catalog.iterate(
+    def _record_moved(self) -> None:
+        repo = self.repo
+        repo.flush()
+        moved = repo.session_entries()
+        self.catalog.executemany("INSERT OR REPLACE INTO temp.prune_new_blobs VALUES (?, ?, ?, ?, ?, ?)", [
+            (bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length) for e in moved])
+        self.catalog.executemany("INSERT OR REPLACE INTO temp.prune_new_packs VALUES (?, ?)",
+                                 [(bytes(p), size) for p, size in repo.session_packs().items()])
+        repo.start_session()
+
+    def _write_index(self, plan: "_Plan") -> list[str]:
+        """Write index objects naming every live blob once (kept packs, repacked blobs,
+        rescued packs); returns their names."""
+        self.sql("CREATE TEMP TABLE IF NOT EXISTS prune_dropped (id BLOB PRIMARY KEY)")
+        self.sql("DELETE FROM temp.prune_dropped")
+        self.catalog.executemany("INSERT INTO temp.prune_dropped VALUES (?)", [(bytes(p),) for p in plan.condemned])
+        self.sql("INSERT OR IGNORE INTO temp.prune_new_blobs SELECT * FROM temp.prune_rescued")
+        self.catalog.executemany("INSERT OR REPLACE INTO temp.prune_new_packs VALUES (?, ?)",
+                                 [(bytes(p), s) for p, s in plan.rescue.items()])
+        sizes = {PackId(row[0]): row[1] for row in self.sql(
+            "SELECT id, size FROM temp.prune_packs UNION SELECT id, size FROM temp.prune_new_packs")}
+        rows = self.catalog.iterate(
             "SELECT id, type, pack, offset, length, raw_length FROM ("
-            " SELECT * FROM blobs WHERE pack NOT IN (SELECT id FROM temp.prune_dropped)"
+            " SELECT * FROM temp.prune_blobs WHERE pack NOT IN (SELECT id FROM temp.prune_dropped)"
             "  AND id NOT IN (SELECT id FROM temp.prune_new_blobs)"
             " UNION ALL SELECT * FROM temp.prune_new_blobs) ORDER BY pack")
         names = []
@@ -322,91 +419,124 @@ class _Pruner:
         self.say(f"wrote {len(names)} index object(s)")
         return names
 
-    def _new_pack_sizes(self, plan: "_Plan", moved: list[BlobEntry]) -> list[tuple[bytes, int]]:
-        packs = self.catalog.packs()
-        new = {e.pack for e in moved}
-        return [(bytes(p), packs[p]) for p in new if p in packs] + [(bytes(p), s) for p, s in plan.rescue.items()]
+    def _write_garbage(self, packs: dict[PackId, int]) -> list[str]:
+        """Garbage records naming ``packs`` with their blobs, each holding at most
+        INDEX_ENTRIES_PER_OBJECT entries (so neither prune nor a reader ever holds more
+        of them in memory); ``waiting_for`` stays nil until step 6 of the protocol."""
+        names: list[str] = []
+        batch: list[dict[str, Any]] = []
+        count = 0
+        for pack, size in sorted(packs.items()):
+            rows = [[r[0], r[1], r[2], r[3], r[4]] for r in self.sql(
+                "SELECT id, type, offset, length, raw_length FROM temp.prune_blobs WHERE pack = ? UNION ALL "
+                "SELECT id, type, offset, length, raw_length FROM temp.prune_extra WHERE pack = ?",
+                [bytes(pack), bytes(pack)])]
+            if batch and count + len(rows) > INDEX_ENTRIES_PER_OBJECT:
+                names.append(self._put_garbage(batch, None))
+                batch, count = [], 0
+            batch.append({"id": bytes(pack), "size": size, "blobs": rows})
+            count += len(rows)
+        if batch:
+            names.append(self._put_garbage(batch, None))
+        return names
 
-    def _write_garbage(self, packs: dict[PackId, int], waiting_for: list[str] | None) -> str | None:
-        if not packs:
-            return None
-        entries: dict[PackId, list[list[object]]] = {p: [] for p in packs}
-        for pack in packs:
-            entries[pack] = [[r[0], r[1], r[2], r[3], r[4]] for r in self.catalog.execute(
-                "SELECT id, type, offset, length, raw_length FROM blobs WHERE pack = ?", [bytes(pack)])]
-        return self._put_garbage({"time": datetime.now(timezone.utc).isoformat(), "host": locks.this_host(),
-                                  "waiting_for": waiting_for,
-                                  "packs": [{"id": bytes(p), "size": s, "blobs": entries[p]}
-                                            for p, s in sorted(packs.items())]})
-
-    def _put_garbage(self, record: dict[str, Any]) -> str:
+    def _put_garbage(self, packs: list[dict[str, Any]], waiting_for: list[str] | None) -> str:
+        record = {"time": datetime.now(timezone.utc).isoformat(), "host": locks.this_host(),
+                  "waiting_for": waiting_for, "packs": packs}
         data = seal_object(Kind.GARBAGE, record, self.repo.cipher)
         name = digest(data).hex()
         self.repo.backend.put(f"{GARBAGE_PREFIX}{name}", data)
         return name
 
-    def _delete_packs(self, packs: Iterable[PackId], sizes: dict[PackId, int]) -> None:
-        for pack in packs:
+    def _delete_packs(self, packs: dict[PackId, int]) -> None:
+        self._ensure_held()
+        for pack in sorted(packs):
             self.repo.backend.delete(pack_key(pack))
             self.report.packs_deleted += 1
-            self.report.freed_bytes += sizes.get(pack, 0)
+            self.report.freed_bytes += packs[pack]
 
     def _sweep_earlier(self, plan: "_Plan", sweepable: set[str]) -> None:
         """Earlier garbage whose processes are gone: delete its packs (the rescued ones
-        are in the new index already), then the record."""
-        if not sweepable:
-            return
-        self._delete_packs(sorted(plan.sweep), plan.sweep)
+        are in the new index already), then the records."""
+        self._delete_packs(plan.sweep)
         for name in sorted(sweepable):
             self.repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
         self.catalog.remove_garbage(sweepable)
 
-    def _sweep_new(self, name: str, marked: set[str]) -> None:
-        """Sweep this run's garbage once the processes that may have seen its packs as
-        live are gone, or hand it on to the next prune with their list."""
+    def _hand_on_unlisted(self, earlier: dict[str, tuple[list[str] | None, dict[PackId, int]]],
+                          running: set[str]) -> None:
+        """A record left without its ``waiting_for`` (its prune died before step 6) gets
+        the processes this run found running at its start: they are the only ones that
+        could have read the index its prune replaced (that happened before this run)."""
+        for name, (waiting_for, _) in sorted(earlier.items()):
+            if waiting_for is None and running:
+                try:
+                    record = self.repo.read_garbage(name)
+                except ObjectNotFound:
+                    continue
+                self._put_garbage(record["packs"], sorted(running))
+                self.repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
+
+    def _sweep_new(self, names: list[str], marked: set[str]) -> None:
+        """Step 6-8 for this run's garbage: wait for the processes that may have seen its
+        packs as live, then delete them (or index again what a finished snapshot uses);
+        or hand the records on to the next prune with the list of those still running."""
         repo, report = self.repo, self.report
         waiting = self._running_processes()
         deadline = time.monotonic() + self.options.wait_s
-        while waiting and time.monotonic() < deadline:
-            self.say(f"waiting for {len(waiting)} running snapshot(s)/restore(s) before deleting")
-            time.sleep(WAIT_POLL_S)
-            waiting &= self._running_processes()
+        try:
+            while waiting and time.monotonic() < deadline:
+                self.say(f"waiting for {len(waiting)} running snapshot(s)/restore(s) before deleting")
+                time.sleep(WAIT_POLL_S)
+                waiting &= self._running_processes()
+        except KeyboardInterrupt:
+            self._hand_on(names, waiting or self._running_processes())
+            raise
         report.waited_for = sorted(waiting)
-        record = repo.read_garbage(name)
         if waiting:
-            self._put_garbage(record | {"waiting_for": sorted(waiting)})
-            repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
-            repo.sync_index()
-            report.pending_packs += len(record["packs"])
-            report.pending_bytes += sum(int(p["size"]) for p in record["packs"])
+            self._hand_on(names, waiting)
             return
         # Everything that may have used these packs has finished: its snapshot is listed.
         snapshots = repo.snapshots()
-        repo.sync_index()
+        listed = repo.sync_index()
         for snap in snapshots:
             if snap.key not in marked:
                 self.used.mark_snapshot(snap)
         self.used.flush()
-        live = self.catalog.packs()
-        rescue = []
-        doomed: dict[PackId, int] = {}
-        for pack in record["packs"]:
-            pack_id, size = PackId(pack["id"]), int(pack["size"])
-            if pack_id in live:
-                continue  # indexed again meanwhile
-            # Rescued only for a used blob that is nowhere else (a repacked blob is used,
-            # but its copy in the new pack serves).
-            if any(self.used.contains(row[0]) and not self.catalog.has_blob(row[0]) for row in pack["blobs"]):
-                rescue.append(pack)
-            else:
-                doomed[pack_id] = size
-        if rescue:
-            data = seal_object(Kind.INDEX, {"packs": rescue}, repo.cipher)
-            repo.backend.put(index_key(digest(data)), data)
+        held = self.catalog.copy_index("temp.prune_blobs", "temp.prune_packs")
+        if not listed <= held:
+            self._hand_on(names, set())  # the catalog is being rebuilt: the next prune sweeps
+            return
+        live = {PackId(row[0]) for row in self.sql("SELECT id FROM temp.prune_packs")}
+        self.sql("CREATE INDEX temp.prune_blobs_id ON prune_blobs (id)")
+        for name in names:
+            record = repo.read_garbage(name)
+            rescue, doomed = [], {}
+            for pack in record["packs"]:
+                pack_id = PackId(pack["id"])
+                if pack_id in live:
+                    continue  # indexed again meanwhile
+                # Rescued only for a used blob that is nowhere else (a repacked blob is
+                # used, but its copy in the new pack serves).
+                if self._holds_needed(pack["blobs"]):
+                    rescue.append(pack)
+                else:
+                    doomed[pack_id] = int(pack["size"])
+            for start in range(0, len(rescue), 64):
+                data = seal_object(Kind.INDEX, {"packs": rescue[start:start + 64]}, repo.cipher)
+                repo.backend.put(index_key(digest(data)), data)
             report.rescued_packs += len(rescue)
-        self._delete_packs(sorted(doomed), doomed)
-        repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
-        repo.sync_index()
+            self._delete_packs(doomed)
+            repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
+
+    def _hand_on(self, names: list[str], waiting: set[str]) -> None:
+        """Write the records again with ``waiting_for``, for the next prune to sweep."""
+        for name in names:
+            record = self.repo.read_garbage(name)
+            self._put_garbage(record["packs"], sorted(waiting))
+            self.repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
+            self.report.pending_packs += len(record["packs"])
+            self.report.pending_bytes += sum(int(p["size"]) for p in record["packs"])
 
 
 @dataclass
@@ -418,11 +548,10 @@ class _Plan:
     repack_new_bytes: int = 0
 
 
-def _may_sweep(record: dict[str, Any], running: set[str]) -> bool:
+def _may_sweep(waiting_for: list[str] | None, running: set[str]) -> bool:
     """A garbage record may be swept once none of the processes it waits for runs. One
     without that list (its prune was killed before writing it) waits for every process
     running now: any of them may have seen its packs as live."""
-    waiting_for = record.get("waiting_for")
     if waiting_for is None:
         return not running
     return not (set(waiting_for) & running)

@@ -111,6 +111,7 @@ class Repository:
         self._upload_lock = threading.Lock()
         self._session_ids: set[ChunkId] = set()
         self._uploaded: dict[ChunkId, BlobEntry] = {}
+        self._session_packs: dict[PackId, int] = {}
         self._unindexed: list[tuple[PackId, int, list[BlobEntry]]] = []
         self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}
         # Uploads run in the background when the backend serves parallel requests well;
@@ -126,6 +127,7 @@ class Repository:
         # turns this off: it must never come to depend on a condemned pack (format §10).
         self.read_condemned = True
         self.garbage_warnings: list[str] = []  # garbage records the last sync could not read
+        self.index_objects_written: list[str] = []  # by this object, oldest first
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -218,15 +220,17 @@ class Repository:
 
     # ---- index synchronisation -------------------------------------------------------------
 
-    def sync_index(self, attempts_left: int = 3) -> None:
+    def sync_index(self, attempts_left: int = 3) -> set[str]:
         """Bring the catalog's blob index up to date with the index objects in the repo,
         and its list of condemned packs with the garbage records (docs/format.md §10).
 
         Reads only index objects the catalog has not seen. If one it had seen is gone
-        (a prune consolidated it), the catalog's index is rebuilt from scratch.
+        (a prune consolidated it), the catalog's index is rebuilt from scratch. Returns
+        the index objects listed.
         """
         # Read what the catalog knows before listing: an index object another process
         # records meanwhile is then in the listing too, never mistaken for a deleted one.
+        generation = self.catalog.generation()
         known = self.catalog.index_object_names()
         known_garbage = self.catalog.garbage_names()
         present = {key[len(INDEX_PREFIX):] for key, _ in self.backend.list(INDEX_PREFIX)}
@@ -236,9 +240,11 @@ class Repository:
         if known - present:
             self.catalog.clear_index()
             known, known_garbage = set(), set()
+            generation = self.catalog.generation()
         try:
             for name in sorted(present - known):
-                self._load_index_object(name)
+                if not self._load_index_object(name, generation):
+                    raise ObjectNotFound(name)  # the catalog was cleared or replaced meanwhile
         except ObjectNotFound:
             # Listed, then deleted: a prune replaced the index meanwhile. Its new index
             # objects were written before the old ones went, so a new listing has them.
@@ -256,6 +262,7 @@ class Repository:
                 # Only readers racing a prune need a garbage record; a damaged one must
                 # not stop a snapshot (check reports it, prune condemns its packs anew).
                 self.garbage_warnings.append(str(exc))
+        return present
 
     def read_garbage(self, name: str, catalog: bool = False) -> dict[str, Any]:
         """One garbage record (docs/format.md §10); with ``catalog``, its condemned packs
@@ -265,8 +272,9 @@ class Repository:
             self.catalog.add_garbage(name, *_packs_and_entries(record))
         return record
 
-    def _load_index_object(self, name: str) -> None:
-        self.catalog.add_index(name, *_packs_and_entries(self._read_named(INDEX_PREFIX, Kind.INDEX, name)))
+    def _load_index_object(self, name: str, generation: int) -> bool:
+        record = self._read_named(INDEX_PREFIX, Kind.INDEX, name)
+        return self.catalog.add_index(name, *_packs_and_entries(record), generation=generation)
 
     def _read_named(self, prefix: str, kind: Kind, name: str) -> dict[str, Any]:
         """An object named by the hash of its bytes, authenticated (when encrypted) and checked."""
@@ -376,6 +384,7 @@ class Repository:
                 self.stats.packs_written += 1
                 self.stats.pack_bytes_written += len(data)
                 self._uploaded.update((e.id, e) for e in entries)
+                self._session_packs[pack_id] = len(data)
                 self._unindexed.append((pack_id, len(data), entries))
                 batch = self._unindexed if len(self._unindexed) >= PACKS_PER_INDEX else []
                 if batch:
@@ -429,6 +438,7 @@ class Repository:
                 raise
             self.catalog.add_index(name.hex(), {p: s for p, s, _ in batch},
                                    [e for _, _, entries in batch for e in entries])
+            self.index_objects_written.append(name.hex())
             self.stats.index_objects_written += 1
 
     def flush(self) -> None:
@@ -448,6 +458,11 @@ class Repository:
         """Where the blobs this session stored went (their packs are durable)."""
         with self._lock:
             return list(self._uploaded.values())
+
+    def session_packs(self) -> dict[PackId, int]:
+        """The packs this session stored, with their sizes."""
+        with self._lock:
+            return dict(self._session_packs)
 
     # ---- reading blobs ----------------------------------------------------------------------
 
@@ -660,6 +675,7 @@ class Repository:
         with self._lock:
             self._session_ids = set()
             self._uploaded = {}
+            self._session_packs = {}
 
     def discard_unwritten(self) -> None:
         """Forget blobs of this session that never reached storage (after a failed run),

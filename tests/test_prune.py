@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from engine import PruneOptions, Repository, apply_restore, check, create_snapsh
 from engine.errors import RepositoryLocked
 from engine.format import GARBAGE_PREFIX, LOCKS_PREFIX, SUMMARY_PREFIX, BlobType, Kind, pack_key, seal_object
 from engine.forget import remove_snapshots
-from engine.locks import Lock
+from engine.locks import Lock, process_space
 from engine.packs import PackBuilder
 from engine.pagemap import file_chunks
 from engine.snapshot import Progress, SnapshotOptions
@@ -202,11 +203,32 @@ def test_a_second_prune_is_refused_and_a_dead_ones_lock_is_not(
     live.release()
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    record = {"kind": "prune", "host": os.uname().nodename, "pid": int(dead.stdout), "created": "2026-01-01T00:00:00+00:00",
-              "refreshed": "2099-01-01T00:00:00+00:00"}
+    record = {"kind": "prune", "host": socket.gethostname(), "pid": int(dead.stdout), "space": process_space(),
+              "created": "2026-01-01T00:00:00+00:00", "refreshed": "2099-01-01T00:00:00+00:00"}
+    # The same dead pid in another pid namespace (a container with this host name) proves
+    # nothing: that lock stays live.
+    elsewhere = record | {"space": "another-boot/4026531836"}
+    repo.backend.put(f"{LOCKS_PREFIX}prune-feedfeedfeedfeed", seal_object(Kind.LOCK, elsewhere, repo.cipher))
+    assert cli("prune", repo=repo_path).returncode == RepositoryLocked.exit_code
+    repo.backend.delete(f"{LOCKS_PREFIX}prune-feedfeedfeedfeed")
     repo.backend.put(f"{LOCKS_PREFIX}prune-deadbeefdeadbeef", seal_object(Kind.LOCK, record, repo.cipher))
     done = _json(cli("prune", "--json", repo=repo_path))
     assert done["stale_locks_removed"] == 1 and not list(repo.backend.list(LOCKS_PREFIX))
+
+
+def test_a_lock_that_lapsed_stops_its_owner(repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process suspended (or cut off) for longer than half the stale time may have been
+    taken for dead by a prune: it must not save what depends on its lock, even after a
+    later refresh succeeded."""
+    lock = Lock(repo.backend, repo.cipher, "snapshot").acquire()
+    lock.ensure_held()
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 20 * 60)  # woke up 20 minutes later
+    lock._write()  # the refresh thread's next write succeeds...
+    with pytest.raises(RepositoryLocked):
+        lock.ensure_held()  # ...but the gap stays on record
+    monkeypatch.undo()
+    lock.release()
 
 
 def test_forget_by_id_rewrites_the_summary(repo: Repository, data: Path, clock: Clock, tmp_path: Path) -> None:
@@ -254,3 +276,21 @@ def test_bad_retention_options_are_one_line_errors(cli: Cli, data: Path, tmp_pat
         result = cli("forget", *args, repo=repo)
         assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_forget_prune_on_s3(cli: Cli, data: Path, s3_url: str, tmp_path: Path) -> None:
+    """The same on a real S3 endpoint (moto's server): lists, deletes, garbage records."""
+    env = {"CLUBSNAP_REPO": s3_url}
+    assert cli("init", env=env).returncode == 0
+    for day in (1, 2, 3):
+        assert cli("snapshot", str(data), env=env).returncode == 0
+        one_day(data, seed=21, day=day)
+    latest = _json(cli("snapshots", "--json", env=env))[-1]
+    assert cli("restore", "latest", "--target", str(tmp_path / "before"), env=env).returncode == 0
+    done = _json(cli("forget", "--keep-last", "1", "--prune", "--json", "--requests", env=env))
+    assert len(done["removed"]) == 2 and done["prune"]["packs_deleted"] > 0
+    assert done["prune"]["pending_packs"] == 0
+    checked = _json(cli("check", "--read-data", "--json", env=env))
+    assert checked["ok"] and not checked["warnings"]
+    assert cli("restore", latest["id"], "--target", str(tmp_path / "after"), env=env).returncode == 0
+    assert club_state(tmp_path / "after", live=False) == club_state(tmp_path / "before", live=False)
