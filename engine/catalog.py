@@ -99,6 +99,7 @@ class Catalog:
             CREATE TABLE IF NOT EXISTS condemned_blobs (id BLOB, type INTEGER, pack BLOB, offset INTEGER,
                                                         length INTEGER, raw_length INTEGER, PRIMARY KEY (id, pack));
             CREATE INDEX IF NOT EXISTS condemned_by_pack ON condemned_blobs (pack);
+            CREATE TABLE IF NOT EXISTS listing (name TEXT PRIMARY KEY);
         """)
 
     def _schema_version(self) -> str | None:
@@ -125,25 +126,41 @@ class Catalog:
         with self._lock:
             return {row[0] for row in self._conn.execute("SELECT name FROM index_objects")}
 
-    def generation(self) -> int:
-        """Bumped whenever the index is cleared or replaced: a process that read the index
-        objects before that must not add them after it (format §10)."""
-        with self._lock:
-            return int(self.meta("index_generation") or 0)
+    # A process that listed index/, then was slow to read an object, must not add it
+    # after another process found it deleted (a prune replaced it): snapshots that synced
+    # in between would then dedup against condemned packs. So the newest listing of any
+    # process sharing the catalog is kept (``listing`` table, ``listing_seq``), and an
+    # object listed by an older listing is added only if the newest one still has it.
 
-    def _bump_generation(self) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('index_generation', "
-                           "(SELECT COALESCE(MAX(CAST(value AS INTEGER)), 0) + 1 FROM meta "
-                           "WHERE key = 'index_generation'))")
-
-    def add_index(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry],
-                  generation: int | None = None) -> bool:
-        """Record one index object's content; one transaction, so a crash leaves none of it.
-        With ``generation``, nothing is added (False) if the index was cleared or replaced
-        since: the object may be one a prune has deleted meanwhile."""
+    def record_listing(self, names: set[str]) -> tuple[int, bool]:
+        """Record ``names`` as the newest listing of index/; returns its sequence number,
+        and whether the index was cleared: index objects the catalog holds that the
+        listing lacks were deleted (by a prune), so it starts again, in the same
+        transaction."""
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            if generation is not None and int(self.meta("index_generation") or 0) != generation:
+            seq = self._next_listing(names)
+            held = {row[0] for row in self._conn.execute("SELECT name FROM index_objects")}
+            if held - names:
+                self._clear_index()
+            return seq, bool(held - names)
+
+    def _next_listing(self, names: Iterable[str]) -> int:
+        seq = int(self.meta("listing_seq") or 0) + 1
+        self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('listing_seq', ?)", [str(seq)])
+        self._conn.execute("DELETE FROM listing")
+        self._conn.executemany("INSERT INTO listing VALUES (?)", [(n,) for n in names])
+        return seq
+
+    def add_index(self, name: str, packs: dict[PackId, int], entries: Iterable[BlobEntry],
+                  listing: int | None = None) -> bool:
+        """Record one index object's content; one transaction, so a crash leaves none of it.
+        With ``listing`` (the sequence number of the listing that named it), nothing is
+        added (False) if a newer listing lacks it: it has been deleted since."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            if listing is not None and int(self.meta("listing_seq") or 0) != listing and not self._conn.execute(
+                    "SELECT 1 FROM listing WHERE name = ?", [name]).fetchone():
                 return False
             self._conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)",
                                       [(bytes(p), s) for p, s in packs.items()])
@@ -155,11 +172,13 @@ class Catalog:
 
     def clear_index(self) -> None:
         with self._lock, self._conn:
-            self._conn.execute("BEGIN")
-            for table in ("index_objects", "packs", "blobs", "garbage_objects", "condemned_packs",
-                          "condemned_blobs"):
-                self._conn.execute(f"DELETE FROM {table}")
-            self._bump_generation()
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._clear_index()
+            self._next_listing(())  # and no slow reader adds what it had read before
+
+    def _clear_index(self) -> None:
+        for table in ("index_objects", "packs", "blobs", "garbage_objects", "condemned_packs", "condemned_blobs"):
+            self._conn.execute(f"DELETE FROM {table}")
 
     def copy_index(self, blobs_table: str, packs_table: str) -> set[str]:
         """Copy the index (blobs, packs) into the given temporary tables in one read, and
@@ -172,11 +191,11 @@ class Catalog:
                 self._conn.execute(f"CREATE TEMP TABLE {table.split('.')[-1]} AS SELECT * FROM {source}")
             return {row[0] for row in self._conn.execute("SELECT name FROM index_objects")}
 
-    def replace_index(self, names: Iterable[str], blobs_query: str, packs_query: str) -> None:
+    def replace_index(self, names: list[str], blobs_query: str, packs_query: str) -> None:
         """After a prune: the index becomes exactly what the queries give (rows of
         ``blobs`` and ``packs``), named by ``names``; one transaction, so another process
-        sharing the catalog sees the old index or the new one, and the generation moves on
-        so that none adds what it read of the old index objects."""
+        sharing the catalog sees the old index or the new one; the new index objects become
+        the newest listing, so that none adds what it read of the old ones."""
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             for table in ("blobs", "packs", "index_objects"):
@@ -185,7 +204,7 @@ class Catalog:
             self._conn.execute(f"INSERT OR REPLACE INTO packs {packs_query}")
             self._conn.executemany("INSERT INTO index_objects VALUES (?)", [(n,) for n in names])
             self._conn.execute("DELETE FROM trees WHERE id NOT IN (SELECT id FROM blobs)")
-            self._bump_generation()
+            self._next_listing(names)
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         """A query for prune's temporary tables (its working set lives on disk, not in memory)."""

@@ -450,7 +450,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     repo.catalog.clear_index()
     repo.catalog.remove_snapshots(repo.catalog.snapshot_keys())
     repo.sync_index()
-    recovered = repo.rebuild_index_from_packs() if args.from_packs else 0
+    recovered = 0
+    if args.from_packs:  # it writes index objects: under a lock, as a snapshot does (format §10)
+        with repo.lock("snapshot") as lock:
+            repo.held_lock = lock
+            recovered = repo.rebuild_index_from_packs()
     count = len(repo.snapshots())
     _emit(args, {"snapshots": count, "packs_reindexed": recovered},
           f"catalog rebuilt from {repo.backend.location}: {count} snapshot(s)"

@@ -97,7 +97,11 @@ def prune(repo: Repository, options: PruneOptions) -> PruneReport:
         return _Pruner(repo, options).run()  # writes nothing, so needs no lock
     with repo.lock("prune") as own:
         _refuse_concurrent_prune(repo, own)
-        return _Pruner(repo, options, own).run()
+        repo.held_lock = own
+        try:
+            return _Pruner(repo, options, own).run()
+        finally:
+            repo.held_lock = None
 
 
 def _refuse_concurrent_prune(repo: Repository, own: locks.Lock) -> None:
@@ -152,6 +156,7 @@ class _Pruner:
         own_index = self._repack(plan.repack)
         new_index = self._write_index(plan)
         garbage = self._write_garbage(plan.condemned)  # step 4: before the old index goes
+        self._ensure_held()
         self.catalog.replace_index(
             new_index,
             "SELECT * FROM temp.prune_blobs WHERE pack NOT IN (SELECT id FROM temp.prune_dropped) "
@@ -414,6 +419,7 @@ class _Pruner:
         for batch in _index_batches(rows, sizes):
             data = seal_object(Kind.INDEX, {"packs": batch}, self.repo.cipher)
             name = digest(data)
+            self._ensure_held()
             self.repo.backend.put(index_key(name), data)
             names.append(name.hex())
         self.say(f"wrote {len(names)} index object(s)")
@@ -524,6 +530,7 @@ class _Pruner:
                     doomed[pack_id] = int(pack["size"])
             for start in range(0, len(rescue), 64):
                 data = seal_object(Kind.INDEX, {"packs": rescue[start:start + 64]}, repo.cipher)
+                self._ensure_held()
                 repo.backend.put(index_key(digest(data)), data)
             report.rescued_packs += len(rescue)
             self._delete_packs(doomed)
@@ -617,21 +624,23 @@ class UsedSet:
             if not self._claim(tree_id):
                 continue
             record = unpack_record(self.repo.read_blob(tree_id), f"tree {tree_id.short()}")
-            parts = [ChunkId(p) for p in record.get("parts", [])]
-            entries = list(record.get("entries", []))
-            for part in parts:
+            self._mark_entries(prefix, record.get("entries", []), stack)
+            for part in record.get("parts", []):  # one part at a time: a directory may be huge
                 self.add(part)
-                entries += unpack_record(self.repo.read_blob(part), f"tree {part.short()}")["entries"]
-            for entry in entries:
-                path = prefix + entry["name"]
-                if entry["type"] == "dir":
-                    stack.append((path + b"/", ChunkId(entry["tree"])))
-                elif entry["type"] == "file":
-                    if "page_map" in entry:
-                        self._mark_page_map(path, ChunkId(entry["page_map"]))
-                    else:
-                        for chunk in entry["chunks"]:
-                            self.add(chunk)
+                self._mark_entries(prefix, unpack_record(self.repo.read_blob(ChunkId(part)),
+                                                         f"tree {part.hex()[:8]}")["entries"], stack)
+
+    def _mark_entries(self, prefix: bytes, entries: list[dict[str, Any]], stack: list[tuple[bytes, ChunkId]]) -> None:
+        for entry in entries:
+            path = prefix + entry["name"]
+            if entry["type"] == "dir":
+                stack.append((path + b"/", ChunkId(entry["tree"])))
+            elif entry["type"] == "file":
+                if "page_map" in entry:
+                    self._mark_page_map(path, ChunkId(entry["page_map"]))
+                else:
+                    for chunk in entry["chunks"]:
+                        self.add(chunk)
 
     def _mark_page_map(self, path: bytes, map_id: ChunkId) -> None:
         if not self._claim(map_id):

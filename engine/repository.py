@@ -25,7 +25,7 @@ from .crypto import PLAIN, SCHEME, Cipher
 from .keys import KeySlot
 from .locks import Lock
 from .chunker import ChunkerParams
-from .errors import EngineError, IntegrityError, ObjectNotFound, RepositoryExists, UsageError, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
+from .errors import BackendError, EngineError, IntegrityError, ObjectNotFound, RepositoryExists, UsageError, RepositoryNotFound, SnapshotNotFound, UnsupportedFormat
 from .format import (
     CONFIG_KEY, DATA_PREFIX, FORMAT_VERSION, GARBAGE_PREFIX, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
     KEYS_PREFIX, ChunkId, Flag, Kind, PackId, SnapshotId, decode_blob, digest, encode_blob, index_key,
@@ -128,6 +128,10 @@ class Repository:
         self.read_condemned = True
         self.garbage_warnings: list[str] = []  # garbage records the last sync could not read
         self.index_objects_written: list[str] = []  # by this object, oldest first
+        # The lock this object writes under (a snapshot's, a prune's): an index object
+        # names packs a prune could have deleted if the lock had lapsed, so it is checked
+        # before each one is written.
+        self.held_lock: Lock | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -220,7 +224,7 @@ class Repository:
 
     # ---- index synchronisation -------------------------------------------------------------
 
-    def sync_index(self, attempts_left: int = 3) -> set[str]:
+    def sync_index(self, attempts_left: int = 10) -> set[str]:
         """Bring the catalog's blob index up to date with the index objects in the repo,
         and its list of condemned packs with the garbage records (docs/format.md §10).
 
@@ -228,28 +232,27 @@ class Repository:
         (a prune consolidated it), the catalog's index is rebuilt from scratch. Returns
         the index objects listed.
         """
-        # Read what the catalog knows before listing: an index object another process
-        # records meanwhile is then in the listing too, never mistaken for a deleted one.
-        generation = self.catalog.generation()
-        known = self.catalog.index_object_names()
+        # Garbage records the catalog knows are read before listing: one another process
+        # records meanwhile is then in the listing too, never taken for a swept one.
         known_garbage = self.catalog.garbage_names()
         present = {key[len(INDEX_PREFIX):] for key, _ in self.backend.list(INDEX_PREFIX)}
         # A snapshot never reads condemned packs: it spares itself the LIST.
         garbage = ({key[len(GARBAGE_PREFIX):] for key, _ in self.backend.list(GARBAGE_PREFIX)}
                    if self.read_condemned else known_garbage)
-        if known - present:
-            self.catalog.clear_index()
-            known, known_garbage = set(), set()
-            generation = self.catalog.generation()
+        listing, cleared = self.catalog.record_listing(present)  # clears if an object it held is gone
+        known = self.catalog.index_object_names()
+        if cleared:
+            known_garbage = set()
         try:
             for name in sorted(present - known):
-                if not self._load_index_object(name, generation):
-                    raise ObjectNotFound(name)  # the catalog was cleared or replaced meanwhile
-        except ObjectNotFound:
+                if not self._load_index_object(name, listing):
+                    raise ObjectNotFound(name)  # a newer listing lacks it: deleted meanwhile
+        except ObjectNotFound as exc:
             # Listed, then deleted: a prune replaced the index meanwhile. Its new index
             # objects were written before the old ones went, so a new listing has them.
             if attempts_left == 0:
-                raise
+                raise BackendError(f"the index of {self.backend.location} kept changing while it was read "
+                                   f"(prunes running?); run the command again") from exc
             return self.sync_index(attempts_left - 1)
         self.catalog.remove_garbage(known_garbage - garbage)
         self.garbage_warnings = []
@@ -272,9 +275,9 @@ class Repository:
             self.catalog.add_garbage(name, *_packs_and_entries(record))
         return record
 
-    def _load_index_object(self, name: str, generation: int) -> bool:
+    def _load_index_object(self, name: str, listing: int) -> bool:
         record = self._read_named(INDEX_PREFIX, Kind.INDEX, name)
-        return self.catalog.add_index(name, *_packs_and_entries(record), generation=generation)
+        return self.catalog.add_index(name, *_packs_and_entries(record), listing=listing)
 
     def _read_named(self, prefix: str, kind: Kind, name: str) -> dict[str, Any]:
         """An object named by the hash of its bytes, authenticated (when encrypted) and checked."""
@@ -429,6 +432,8 @@ class Repository:
         name = digest(data)
         with self._index_lock:
             try:
+                if self.held_lock is not None:
+                    self.held_lock.ensure_held()
                 self.backend.put(index_key(name), data)
             except BaseException:
                 with self._lock:  # stored but unindexed for good: a retry must store them again
@@ -682,6 +687,12 @@ class Repository:
         so a retry with this object uploads them instead of trusting they exist."""
         self._wait_for_uploads(raise_errors=False)
         with self._lock:
+            # Packs stored but not indexed are left for prune: indexing them later, under
+            # another lock, could name packs a prune deleted in between.
+            for _, _, entries in self._unindexed:
+                for entry in entries:
+                    self._uploaded.pop(entry.id, None)
+            self._unindexed = []
             self._upload_error = None
             self._session_ids = set(self._uploaded)
             self._builders = {t: PackBuilder(t, self.cipher) for t in BlobType}

@@ -96,14 +96,14 @@ def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResul
     is saved (docs/format.md §10)."""
     with repo.lock("snapshot") as lock:
         repo.start_session()
-        repo.read_condemned = False
+        repo.read_condemned, repo.held_lock = False, lock
         try:
             return _create(repo, options, lock)
         except BaseException:
             repo.discard_unwritten()
             raise
         finally:
-            repo.read_condemned = True
+            repo.read_condemned, repo.held_lock = True, None
 
 
 def _create(repo: Repository, options: SnapshotOptions, lock: Lock) -> SnapshotResult:

@@ -14,7 +14,7 @@ def test_prune_benchmark_runs_and_reports(tmp_path: Path) -> None:
     assert result["kept"] == result["planned_kept"] == result["verified_snapshots"]
     assert result["after"]["packs"] < result["before"]["packs"]
     assert abs(result["prediction_error"]) <= 0.05, result
-    result["scale"] = prune.measure_scale(9000, tmp_path / "scale")
+    result["scale"] = prune.measure_scale(9600, tmp_path / "scale")
     assert result["scale"]["used_blobs"] >= 6000 and result["scale"]["prune"]["packs_deleted"] > 0
     text = prune.report(result)
     for step in ("forget --dry-run", "prune --dry-run", "check --read-data", "Millions of chunks"):

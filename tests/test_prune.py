@@ -294,3 +294,23 @@ def test_forget_prune_on_s3(cli: Cli, data: Path, s3_url: str, tmp_path: Path) -
     assert checked["ok"] and not checked["warnings"]
     assert cli("restore", latest["id"], "--target", str(tmp_path / "after"), env=env).returncode == 0
     assert club_state(tmp_path / "after", live=False) == club_state(tmp_path / "before", live=False)
+
+
+def test_a_slow_reader_never_brings_back_a_deleted_index_object(tmp_path: Path) -> None:
+    """Processes sharing a catalog: one listed index/ and read object O, then stalled; a
+    prune deleted O and another process refreshed (its listing lacks O). The stalled
+    one's O is refused, or a snapshot that refreshed in between (and that the prune does
+    not wait for) would dedup against O's condemned packs."""
+    from engine.catalog import Catalog
+    from engine.format import ChunkId, PackId
+    from engine.packs import BlobEntry
+    first, second = Catalog(tmp_path / "catalog.db"), Catalog(tmp_path / "catalog.db")
+    entry = BlobEntry(ChunkId(b"\1" * 32), BlobType.DATA, PackId(b"\2" * 32), 8, 100, 90)
+    slow, cleared = first.record_listing({"o", "n"})
+    assert not cleared
+    second.record_listing({"n"})  # after the prune deleted o
+    assert not first.add_index("o", {entry.pack: 500}, [entry], listing=slow)
+    assert first.add_index("n", {entry.pack: 500}, [entry], listing=slow)  # still listed: fine
+    assert second.index_object_names() == {"n"}
+    _, cleared = second.record_listing(set())  # n deleted too: the catalog starts again
+    assert cleared and not second.index_object_names() and not second.lookup(entry.id)
