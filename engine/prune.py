@@ -17,8 +17,10 @@ them. The protocol (docs/format.md §10) is two-phase, as in kopia and rustic:
    that finished meanwhile and uses a condemned blob gets its pack re-indexed instead.
    Readers take blobs from condemned packs meanwhile (the garbage record says where).
 
-Killed at any point, prune leaves a repository where every snapshot's blobs are indexed
-or in a condemned pack still stored; a later prune finishes the work.
+Prune decides from a private copy of the index (processes sharing the local catalog
+may rebuild it meanwhile) and from the garbage records' own blob lists. Killed at any
+point, it leaves a repository where every snapshot's blobs are indexed or in a condemned
+pack still stored; a later prune finishes the work.
 """
 
 from __future__ import annotations
