@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +28,7 @@ from .backends.s3 import S3Backend, S3Settings, is_bucket_url
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
 from . import keys, locks
+from .health import record_verification, repository_status, span
 from .forget import (
     DEFAULT_GROUP_BY, Group, StoredPolicy, check_group_by, load_policy, plan_forget, remove_snapshots, save_policy,
     snapshots_by_ids, zone_named,
@@ -423,7 +424,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=args.temp_dir) as scratch:
         plan = plan_restore(repo, snap, Path(scratch) / "data")
         apply_restore(repo, plan, allow_in_use=True, set_owner=False)
-        return _report_club(args, check_club(Path(scratch) / "data"), f"snapshot {snap.id.short()}")
+        report = check_club(Path(scratch) / "data")
+        record_verification(repo, snap, report, _now())  # for `status`, on any host
+        return _report_club(args, report, f"snapshot {snap.id.short()}")
 
 
 def _report_club(args: argparse.Namespace, report: ClubReport, what: str) -> int:
@@ -436,6 +439,39 @@ def _report_club(args: argparse.Namespace, report: ClubReport, what: str) -> int
                  "orphans": report.orphans, "checked": report.checked}, (text + "\n" if text else "") + summary)
     if not report.ok:
         raise errors.CheckFailed(f"{what} is not consistent: see the report above")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    max_age = timedelta(seconds=_seconds(args.max_age)) if args.max_age else None
+    status = repository_status(repo, _now(), max_age)
+    newest, verification = status.newest, status.verification
+    size = sum(t["bytes"] for t in newest.record.get("tiers", {}).values()) if newest else 0
+    data = {"repository": repo.backend.location, "snapshots": status.snapshots, "healthy": status.healthy,
+            "problems": status.problems, "max_age_s": max_age.total_seconds() if max_age else None,
+            "newest": None if newest is None else {
+                "id": newest.id.hex(), "time": newest.time.isoformat(), "age_s": round(status.age.total_seconds())
+                if status.age else 0, "size": size,
+                "partial": bool(newest.record.get("partial")),
+                "consistent": newest.record.get("verified", {}).get("consistent")},
+            "last_verify": verification}
+    lines = [f"repository: {repo.backend.location} ({status.snapshots} snapshot(s))"]
+    if newest is not None and status.age is not None:
+        lines.append(f"newest snapshot: {newest.id.short()} at {newest.time.astimezone():%Y-%m-%d %H:%M:%S %Z} "
+                     f"({span(status.age)} ago), {size / 1e6:,.1f} MB"
+                     f"{', PARTIAL' if newest.record.get('partial') else ''}")
+    else:
+        lines.append("newest snapshot: none")
+    if verification is not None:
+        lines.append(f"last verify: {verification.get('time')} of snapshot {str(verification.get('snapshot'))[:8]}: "
+                     f"{'consistent' if verification.get('ok') else 'INCONSISTENT'}")
+    else:
+        lines.append("last verify: never (run 'clubsnap verify latest')")
+    lines.append("OK" if status.healthy else "UNHEALTHY: " + "; ".join(status.problems))
+    _emit(args, data, "\n".join(lines))
+    if not status.healthy:
+        raise errors.Unhealthy("; ".join(status.problems))
     return 0
 
 
@@ -545,13 +581,13 @@ def _max_unused(text: str) -> float:
 
 
 def _seconds(text: str) -> float:
-    """``--wait``: seconds, or with a unit: 90s, 5m (minutes), 1h."""
+    """A duration in seconds, or with a unit: 90s, 5m (minutes), 1h, 2d."""
     spec = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
         return float(spec[:-1]) * units[spec[-1]] if spec and spec[-1] in units else float(spec)
     except ValueError as exc:
-        raise errors.UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m or 1h") from exc
+        raise errors.UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h or 2d") from exc
 
 
 def _prune_text(report: PruneReport) -> str:
@@ -745,6 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("unlock", cmd_unlock, "remove stale locks (of processes that died)")
     p.add_argument("--all", action="store_true",
                    help="remove every lock: only when no clubsnap process uses the repository")
+    p = add("status", cmd_status, "is the backup healthy: the newest snapshot's age, the last verify's result")
+    p.add_argument("--max-age", metavar="DURATION",
+                   help="exit 22 when the newest snapshot is older than this (90s, 30m, 1h, 2d)")
     add("stats", cmd_stats, "repository statistics")
     p = add("cache", cmd_cache, "manage the local catalog")
     p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")

@@ -22,8 +22,10 @@ keeps its traceback.
     ├── CheckFailed (18)                check found problems (details in the report)
     ├── TargetError (19)                restore target cannot be written as planned
     ├── WrongPassword (20)              no key slot of an encrypted repository opens
-    └── RepositoryLocked (21)           another prune holds the repository, or this
-                                        command's lock was removed as stale
+    ├── RepositoryLocked (21)           another prune holds the repository, or this
+    │                                   command's lock went stale
+    └── Unhealthy (22)                  status: the newest snapshot is too old, or the
+                                        last verify failed
 
 A snapshot that completed but skipped unreadable files is not an exception: it is a
 result with ``partial=True``, which the CLI reports with exit code 3.
@@ -104,6 +106,10 @@ class WrongPassword(EngineError):
 
 class RepositoryLocked(EngineError):
     exit_code = 21
+
+
+class Unhealthy(EngineError):
+    exit_code = 22
 
 
 def from_os_error(exc: OSError, what: str) -> EngineError:

@@ -54,6 +54,7 @@ class Kind(IntEnum):
     LOCK = 7
     GARBAGE = 8
     POLICY = 9
+    VERIFICATION = 10
 
 
 class Flag(IntFlag):
@@ -244,6 +245,7 @@ KEYS_PREFIX = "keys/"
 LOCKS_PREFIX = "locks/"
 GARBAGE_PREFIX = "garbage/"
 POLICY_PREFIX = "policies/"
+VERIFICATION_PREFIX = "verifications/"
 SNAPSHOT_STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 

@@ -1,0 +1,103 @@
+"""Is the backup healthy? The newest snapshot's age, and what the last verify found.
+
+An operator must learn that backups stopped before they need one. ``verify`` of a
+snapshot records its result in the repository (``verifications/``, docs/format.md
+§6.13), so any host can tell when the last one ran and whether it passed; ``status``
+reads that and the snapshot listing, and fails when either is too old or bad, for
+cron, a healthcheck or a monitoring probe.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from .clubcheck import ClubReport
+from .errors import EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
+from .format import SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
+from .repository import Repository, SnapshotInfo
+
+KEEP_VERIFICATIONS = 30  # older verification records are deleted when a new one is written
+MAX_LISTED = 20
+
+
+def record_verification(repo: Repository, snap: SnapshotInfo, report: ClubReport, now: datetime) -> str | None:
+    """Store what a verify of ``snap`` found; returns the key, or None when the
+    repository cannot be written (read-only credentials: the verify itself stands)."""
+    record = {"time": now.astimezone(timezone.utc).isoformat(), "host": socket.gethostname(),
+              "snapshot": snap.id.hex(), "snapshot_time": snap.time.isoformat(), "ok": report.ok,
+              "checked": dict(report.checked), "missing": len(report.missing), "database": len(report.database),
+              "problems": (report.missing + report.database)[:MAX_LISTED]}
+    data = seal_object(Kind.VERIFICATION, record, repo.cipher)
+    key = f"{VERIFICATION_PREFIX}{now.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}"
+    try:
+        repo.backend.put(key, data)
+        for old in sorted(k for k, _ in repo.backend.list(VERIFICATION_PREFIX))[:-KEEP_VERIFICATIONS]:
+            repo.backend.delete(old)
+    except EngineError:
+        return None
+    return key
+
+
+def latest_verification(repo: Repository) -> dict[str, Any] | None:
+    """The newest readable verification record (keys begin with the verify's time)."""
+    for key in sorted((k for k, _ in repo.backend.list(VERIFICATION_PREFIX)), reverse=True):
+        try:
+            data = repo.backend.get(key)
+            record = dict(open_object(Kind.VERIFICATION, data, key, repo.cipher))
+        except (ObjectNotFound, IntegrityError, UnsupportedFormat):
+            continue  # deleted meanwhile, or damaged: the one before tells something
+        if key.rsplit("_", 1)[-1] == digest(data).hex():
+            return record
+    return None
+
+
+@dataclass
+class Status:
+    snapshots: int
+    newest: SnapshotInfo | None
+    age: timedelta | None
+    verification: dict[str, Any] | None
+    problems: list[str] = field(default_factory=list)  # why the backup is not healthy
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+
+def repository_status(repo: Repository, now: datetime, max_age: timedelta | None = None) -> Status:
+    """The newest snapshot and the last verification, judged against ``max_age``."""
+    keys = repo.snapshot_keys()
+    newest = repo.load_snapshot(keys[-1][2]) if keys else None
+    age = now - newest.time if newest else None
+    status = Status(len(keys), newest, age, latest_verification(repo))
+    if max_age is not None:
+        if newest is None:
+            status.problems.append("there is no snapshot")
+        elif age is not None and age > max_age:
+            status.problems.append(f"the newest snapshot is {span(age)} old (bound {span(max_age)})")
+    if newest is not None and newest.record.get("partial"):
+        status.problems.append(f"the newest snapshot ({newest.id.short()}) is partial: some files were unreadable")
+    if newest is not None and newest.record.get("verified", {}).get("consistent") is False:
+        status.problems.append(f"the newest snapshot ({newest.id.short()}) lacks blobs club.db names")
+    verification = status.verification
+    if verification is not None and not verification.get("ok"):
+        status.problems.append(f"the last verify (snapshot {str(verification.get('snapshot'))[:8]}, "
+                               f"{verification.get('time')}) found {verification.get('missing', 0)} missing or "
+                               f"wrong blob(s) and {verification.get('database', 0)} database problem(s)")
+    return status
+
+
+def span(delta: timedelta) -> str:
+    """A duration for people: 45s, 12m, 3h05m, 2d4h."""
+    seconds = int(delta.total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600}h"
+

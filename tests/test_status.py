@@ -1,0 +1,83 @@
+"""`clubsnap status`: the newest snapshot's age and the last verify's result, and an exit
+code a cron job, a healthcheck or a monitoring probe can act on (22 when unhealthy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.clubgen import generate
+from engine import Repository
+from engine.clubcheck import ClubReport
+from engine.errors import BackendError, Unhealthy
+from engine.format import VERIFICATION_PREFIX
+from engine.health import KEEP_VERIFICATIONS, record_verification, repository_status
+
+from .conftest import Clock
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def test_status_follows_snapshots_and_verifies(cli: Cli, tmp_path: Path) -> None:
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=3)
+    assert cli("init", repo=repo).returncode == 0
+    empty = cli("status", "--max-age", "1h", repo=repo)
+    assert empty.returncode == Unhealthy.exit_code and empty.stderr == "clubsnap: there is no snapshot\n"
+    assert cli("status", repo=repo).returncode == 0  # no bound given: an empty repository is not a failure
+
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    fresh = cli("status", "--max-age", "1h", "--json", repo=repo)
+    assert fresh.returncode == 0, fresh.stderr
+    report = json.loads(fresh.stdout)
+    assert report["healthy"] and report["snapshots"] == 1 and report["last_verify"] is None
+    assert report["newest"]["size"] > 1_000_000 and report["newest"]["age_s"] < 60
+
+    assert cli("verify", "latest", repo=repo).returncode == 0
+    verified = json.loads(cli("status", "--json", repo=repo).stdout)["last_verify"]
+    assert verified["ok"] and verified["snapshot"] == report["newest"]["id"] and verified["missing"] == 0
+
+    time.sleep(2.1)
+    stale = cli("status", "--max-age", "2s", repo=repo)
+    assert stale.returncode == Unhealthy.exit_code
+    assert "the newest snapshot is" in stale.stderr and stale.stderr.count("\n") == 1
+    bad = cli("status", "--max-age", "soon", repo=repo)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_failed_verify_makes_status_fail(cli: Cli, tmp_path: Path) -> None:
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=4)
+    next((data / "blobs").rglob("package.tar.gz")).unlink()  # club.db names it: inconsistent
+    assert cli("init", repo=repo).returncode == 0
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    assert cli("verify", "latest", repo=repo).returncode == 18
+    status = cli("status", "--json", repo=repo)  # no --max-age: a failed verify alone is unhealthy
+    assert status.returncode == Unhealthy.exit_code
+    report = json.loads(status.stdout)
+    assert not report["last_verify"]["ok"] and report["last_verify"]["missing"] == 1
+    assert any("last verify" in p for p in report["problems"])
+
+
+def test_verification_records_are_capped_and_optional(repo: Repository, clock: Clock) -> None:
+    from engine.repository import SnapshotInfo
+    from engine.format import SnapshotId
+    snap = SnapshotInfo(SnapshotId(b"\7" * 32), "snapshots/x", clock(), {"tree": b"\0" * 32})
+    for number in range(KEEP_VERIFICATIONS + 4):
+        clock.advance(minutes=1)
+        report = ClubReport(missing=["a/1.0.0/artifacts/package.tar.gz"] if number % 2 else [])
+        assert record_verification(repo, snap, report, clock())
+    assert len(list(repo.backend.list(VERIFICATION_PREFIX))) == KEEP_VERIFICATIONS
+    status = repository_status(repo, clock(), timedelta(hours=1))
+    assert status.verification is not None and status.verification["ok"] is False  # the newest: number 33, odd
+    assert "there is no snapshot" in status.problems[0] and "last verify" in status.problems[1]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise BackendError("AccessDenied: read-only credentials")
+
+    repo.backend.put = refuse  # type: ignore[method-assign]
+    assert record_verification(repo, snap, ClubReport(), clock()) is None  # the verify stands without it
