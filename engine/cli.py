@@ -28,6 +28,8 @@ from .backends.s3 import S3Backend, S3Settings, is_bucket_url
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
 from . import keys, locks
+from . import configfile
+from .configfile import ConfigFile
 from .health import record_verification, repository_status, span
 from .forget import (
     DEFAULT_GROUP_BY, Group, StoredPolicy, check_group_by, load_policy, plan_forget, remove_snapshots, save_policy,
@@ -54,20 +56,40 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _config(args: argparse.Namespace) -> ConfigFile:
+    """The configuration file, read once per command."""
+    if getattr(args, "config_file", None) is None:
+        args.config_file = configfile.load(args.config, os.environ)
+    loaded: ConfigFile = args.config_file
+    return loaded
+
+
+def _setting(args: argparse.Namespace, option: str, variable: str, key: str) -> tuple[Any, str]:
+    """A setting and where it came from: the command line, the environment, the file."""
+    if getattr(args, option, None):
+        return getattr(args, option), f"--{option.replace('_', '-')}"
+    if os.environ.get(variable):
+        return os.environ[variable], f"${variable}"
+    config = _config(args)
+    if config.get(key) is not None:
+        return config.get(key), str(config.path)
+    return None, "default"
+
+
 def _cache_root(args: argparse.Namespace) -> Path:
-    if args.cache_dir:
-        return Path(args.cache_dir)
-    if os.environ.get("CLUBSNAP_CACHE_DIR"):
-        return Path(os.environ["CLUBSNAP_CACHE_DIR"])
+    given, _ = _setting(args, "cache_dir", "CLUBSNAP_CACHE_DIR", "cache_dir")
+    if given:
+        return Path(given)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "clubsnap"
 
 
 def _repo_url(args: argparse.Namespace) -> str:
-    url = args.repo or os.environ.get("CLUBSNAP_REPO")
+    url, _ = _setting(args, "repo", "CLUBSNAP_REPO", "repository")
     if not url:
-        raise errors.UsageError("no repository given: use --repo or set CLUBSNAP_REPO")
-    return url
+        raise errors.UsageError("no repository given: use --repo, set CLUBSNAP_REPO, or set repository in the "
+                                "configuration file")
+    return str(url)
 
 
 def _backend(url: str) -> Backend:
@@ -81,6 +103,8 @@ def _read_password(args: argparse.Namespace, new: bool = False, confirm: bool = 
     prefix = "CLUBSNAP_NEW_PASSWORD" if new else "CLUBSNAP_PASSWORD"
     given = getattr(args, "new_password_file", None) if new else args.password_file
     path = given or os.environ.get(f"{prefix}_FILE")
+    if not path and not new and not os.environb.get(prefix.encode()):
+        path = _config(args).get("password_file")
     if path:
         try:
             with open(path, "rb") as handle:
@@ -227,6 +251,9 @@ def cmd_key(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
+    data_dir = args.data_dir or _config(args).get("data_dir")
+    if not data_dir:
+        raise errors.UsageError("no data directory given: name it, or set data_dir in the configuration file")
     repo = _open(args)
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
     blob_store = None
@@ -234,9 +261,10 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if not is_bucket_url(args.blobs):
             raise errors.UsageError(f"--blobs takes a bucket URL (s3://bucket[/prefix] or gs://…), not {args.blobs!r}")
         blob_store = _blob_bucket(args.blobs, repo, "--blobs")
-    options = SnapshotOptions(source=Path(args.data_dir), host=args.host or socket.gethostname(),
+    options = SnapshotOptions(source=Path(data_dir), host=args.host or socket.gethostname(),
                               now=_now, tags=args.tag or [], verify=args.verify, blob_store=blob_store,
-                              include_logs=args.include_logs, progress=reporter.snapshot)
+                              include_logs=args.include_logs or bool(_config(args).get("include_logs")),
+                              progress=reporter.snapshot)
     result = create_snapshot(repo, options)
     reporter.done()
     for problem in result.errors + result.warnings:
@@ -537,9 +565,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
         doomed = snapshots_by_ids(snapshots, args.snapshot_ids)
         lines, groups = [f"remove  {s.id.short()}  {s.time.astimezone():%Y-%m-%d %H:%M:%S %Z}" for s in doomed], []
     else:
-        stored = stored or load_policy(repo)
+        stored = stored or _config(args).retention or load_policy(repo)
         if stored is None:
-            raise errors.UsageError("no retention policy: give --keep-* rules, or store one with 'clubsnap policy set'")
+            raise errors.UsageError("no retention policy: give --keep-* rules, set [retention] in the configuration "
+                                    "file, or store one with 'clubsnap policy set'")
         groups = plan_forget(snapshots, stored)
         doomed = [snap for group in groups for snap in group.removed]
         lines = [line for group in groups for line in _decision_lines(group, stored.zone())]
@@ -657,6 +686,33 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """The settings in effect and where each comes from; secrets are never shown."""
+    config = _config(args)
+    rows = {}
+    for name, option, variable, key in (("repository", "repo", "CLUBSNAP_REPO", "repository"),
+                                        ("cache_dir", "cache_dir", "CLUBSNAP_CACHE_DIR", "cache_dir"),
+                                        ("password_file", "password_file", "CLUBSNAP_PASSWORD_FILE", "password_file")):
+        value, origin = _setting(args, option, variable, key)
+        rows[name] = {"value": value, "from": origin}
+    rows["cache_dir"]["value"] = str(_cache_root(args))
+    if os.environ.get("CLUBSNAP_PASSWORD") and not rows["password_file"]["value"]:
+        rows["password"] = {"value": "*** (set)", "from": "$CLUBSNAP_PASSWORD"}
+    rows["data_dir"] = {"value": config.get("data_dir"), "from": str(config.path) if config.get("data_dir") else "-"}
+    rows["include_logs"] = {"value": bool(config.get("include_logs")),
+                            "from": str(config.path) if config.get("include_logs") is not None else "default"}
+    rows["retention"] = {"value": config.retention.policy.describe() if config.retention else None,
+                         "from": str(config.path) if config.retention else "-"}
+    for variable in sorted(os.environ):
+        if variable.startswith(("CLUBSNAP_S3_", "CLUBSNAP_BLOBS_S3_")):
+            secret = any(word in variable for word in ("SECRET", "ACCESS_KEY", "TOKEN"))
+            rows[variable.lower()] = {"value": "***" if secret else os.environ[variable], "from": f"${variable}"}
+    _emit(args, {"config_file": str(config.path) if config.path else None, "settings": rows},
+          f"configuration file: {config.path or 'none'}\n"
+          + "\n".join(f"{name}: {row['value']}  ({row['from']})" for name, row in rows.items()))
+    return 0
+
+
 def _add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest snapshots")
     for period in PERIODS:
@@ -687,6 +743,9 @@ def _add_prune_options(p: argparse.ArgumentParser) -> None:
 
 def _global_options(default: Any) -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--config", default=default,
+                         help="configuration file (default: $CLUBSNAP_CONFIG, ~/.config/clubsnap/config.toml, "
+                              "/etc/clubsnap/config.toml)")
     options.add_argument("--repo", "-r", default=default, help="repository location (default: $CLUBSNAP_REPO)")
     options.add_argument("--cache-dir", default=default,
                          help="local catalog directory (default: $XDG_CACHE_HOME/clubsnap)")
@@ -702,7 +761,7 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clubsnap", parents=[_global_options(None)],
                                      description="Incremental, deduplicating snapshots of a club data directory.")
-    parser.set_defaults(repo=None, cache_dir=None, json=False, requests=False, password_file=None)
+    parser.set_defaults(repo=None, cache_dir=None, json=False, requests=False, password_file=None, config=None)
     # Repeated on every command, so they may come after it too; SUPPRESS keeps a value
     # given before the command from being reset by the command's own default.
     common = _global_options(argparse.SUPPRESS)
@@ -730,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = keys_sub.add_parser("remove", parents=[common], help="remove a key slot (not the one this password opens)")
     q.add_argument("slot", help="slot id or a unique prefix")
     p = add("snapshot", cmd_snapshot, "take a snapshot of a club data directory")
-    p.add_argument("data_dir")
+    p.add_argument("data_dir", nargs="?", help="club's DATA_DIR (default: data_dir of the configuration file)")
     p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")
     p.add_argument("--include-logs", action="store_true", help="also snapshot logs/")
     p.add_argument("--verify", action="store_true",
@@ -784,6 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "is the backup healthy: the newest snapshot's age, the last verify's result")
     p.add_argument("--max-age", metavar="DURATION",
                    help="exit 22 when the newest snapshot is older than this (90s, 30m, 1h, 2d)")
+    p = add("config", cmd_config, "show the settings in effect and where each comes from (secrets masked)")
+    p.add_argument("config_command", choices=("show",))
     add("stats", cmd_stats, "repository statistics")
     p = add("cache", cmd_cache, "manage the local catalog")
     p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")
@@ -811,6 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
+        _config(args)  # a bad configuration file fails every command, even one it would not serve
         code: int = args.func(args)
         _report_requests(args)
         return code

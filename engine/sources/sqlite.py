@@ -158,7 +158,24 @@ def _explain(exc: sqlite3.Error, database: str) -> str:
     if "readonly" in str(exc) and os.path.exists(journal) and os.path.getsize(journal) > 0:
         return (f"{exc}: a hot journal ({os.path.basename(journal)}) needs recovery by a writer; "
                 f"start club once so that it rolls the interrupted transaction back")
+    if "readonly" in str(exc) and not os.access(database, os.W_OK):
+        return (f"{exc}: commits kept landing while the read transaction was pinned, and sealing it (a "
+                f"sub-millisecond write lock) needs write access, which a read-only mount does not give")
+    if ("unable to open" in str(exc) and not os.path.exists(database + "-shm")
+            and not os.access(os.path.dirname(database) or ".", os.W_OK) and _wal_file(database)):
+        # SQLite reads a WAL database only through its -shm index, which it cannot create
+        # on a read-only mount: it exists while club runs, and is gone once club stopped.
+        return (f"{exc}: a WAL database on a read-only mount can be read only while its -shm file exists "
+                f"(club running); with club stopped, mount the data dir read-write for the snapshot")
     return str(exc)
+
+
+def _wal_file(database: str) -> bool:
+    try:
+        with open(database, "rb") as handle:
+            return handle.read(100)[JOURNAL_MODE_BYTES] == b"\x02\x02"
+    except OSError:
+        return False
 
 
 def _open_raw(stack: ExitStack, path: str) -> int:

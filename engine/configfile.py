@@ -1,0 +1,123 @@
+"""The configuration file: what an operator would otherwise repeat on every command.
+
+TOML, read with the standard library. Found at ``--config``, else ``$CLUBSNAP_CONFIG``,
+else ``$XDG_CONFIG_HOME/clubsnap/config.toml`` (``~/.config/…``), else
+``/etc/clubsnap/config.toml``; having none is fine. Options on the command line
+override environment variables, which override the file::
+
+    data_dir = "/data"                       # club's DATA_DIR, for `snapshot`
+    repository = "s3://club-backups/registry"
+    password_file = "/etc/clubsnap/password" # never the password itself
+    cache_dir = "/var/cache/clubsnap"
+    include_logs = false
+
+    [retention]                              # what `forget` keeps when given no --keep-* rule
+    keep_last = 3
+    keep_daily = 14
+    keep_weekly = 8
+    keep_within = "2d"
+    keep_within_daily = "90d"
+    keep_tags = ["monthly"]
+    group_by = ["host", "source"]
+    timezone = "Europe/Berlin"               # or "UTC"; default: the machine's local time
+
+An unknown key is an error that names it: a misspelt ``keep_daly`` must not silently
+keep nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import UsageError
+from .forget import DEFAULT_GROUP_BY, StoredPolicy, check_group_by, zone_named
+from .retention import PERIODS, Duration, Policy
+
+TOP_LEVEL = {"data_dir": str, "repository": str, "password_file": str, "cache_dir": str, "include_logs": bool}
+RETENTION = {"keep_last", *(f"keep_{p}" for p in PERIODS), "keep_within", *(f"keep_within_{p}" for p in PERIODS),
+             "keep_tags", "group_by", "timezone"}
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    path: Path | None  # None: no file was found (all defaults)
+    values: dict[str, Any] = field(default_factory=dict)  # the top-level keys given
+    retention: StoredPolicy | None = None
+
+    def get(self, key: str) -> Any:
+        return self.values.get(key)
+
+
+def default_paths(environ: Mapping[str, str]) -> list[Path]:
+    config_home = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return [Path(config_home) / "clubsnap" / "config.toml", Path("/etc/clubsnap/config.toml")]
+
+
+def load(explicit: str | None, environ: Mapping[str, str]) -> ConfigFile:
+    """The configuration file in effect (see the module docstring for where it is looked for)."""
+    named = explicit or environ.get("CLUBSNAP_CONFIG")
+    if named:
+        return _read(Path(named))
+    for candidate in default_paths(environ):
+        if candidate.is_file():
+            return _read(candidate)
+    return ConfigFile(None)
+
+
+def _read(path: Path) -> ConfigFile:
+    try:
+        with open(path, "rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as exc:
+        raise UsageError(f"cannot read the configuration file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from exc
+    values = {}
+    for key, value in document.items():
+        if key == "retention":
+            continue
+        expected = TOP_LEVEL.get(key)
+        if expected is None:
+            raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(TOP_LEVEL))}, [retention])")
+        if not isinstance(value, expected):
+            raise UsageError(f"{path}: {key} must be a {'boolean' if expected is bool else 'string'}")
+        values[key] = value
+    retention = document.get("retention")
+    if retention is not None and not isinstance(retention, dict):
+        raise UsageError(f"{path}: retention must be a table ([retention])")
+    return ConfigFile(path, values, _retention(path, retention) if retention else None)
+
+
+def _retention(path: Path, table: dict[str, Any]) -> StoredPolicy:
+    unknown = sorted(set(table) - RETENTION)
+    if unknown:
+        raise UsageError(f"{path}: unknown retention setting {unknown[0]!r} (known: {', '.join(sorted(RETENTION))})")
+    try:
+        counts = {p: _count(table, f"keep_{p}") for p in ("last", *PERIODS)}
+        policy = Policy(
+            last=counts["last"], hourly=counts["hourly"], daily=counts["daily"], weekly=counts["weekly"],
+            monthly=counts["monthly"], yearly=counts["yearly"],
+            within=Duration.parse(table["keep_within"]) if "keep_within" in table else None,
+            within_periods={p: Duration.parse(table[f"keep_within_{p}"]) for p in PERIODS
+                            if f"keep_within_{p}" in table},
+            tags=tuple(str(t) for t in table.get("keep_tags", [])))
+        group_by = tuple(table.get("group_by", DEFAULT_GROUP_BY))
+        zone = table.get("timezone")
+        zone_named(zone)
+        stored = StoredPolicy(policy, check_group_by(group_by), zone)
+    except UsageError as exc:
+        raise UsageError(f"{path}: [retention]: {exc}") from exc
+    if policy.empty():
+        raise UsageError(f"{path}: [retention] keeps nothing: give at least one keep_* rule")
+    return stored
+
+
+def _count(table: dict[str, Any], key: str) -> int:
+    value = table.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{key} must be a whole number (-1: every period)")
+    return value

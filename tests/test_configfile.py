@@ -1,0 +1,90 @@
+"""The configuration file: settings an operator would otherwise repeat, overridden by the
+environment and the command line, with secrets never shown and typos refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from benchmarks.clubgen import generate
+
+from .conftest import TEST_PASSWORD
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _without_password() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("CLUBSNAP_PASSWORD", "CLUBSNAP_REPO")}
+
+
+def test_a_config_file_drives_every_command(cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=5)
+    secret = tmp_path / "password"
+    secret.write_text(TEST_PASSWORD + "\n")
+    config = tmp_path / "clubsnap.toml"
+    config.write_text(f'''
+data_dir = "{data}"
+repository = "{repo}"
+password_file = "{secret}"
+
+[retention]
+keep_last = 1
+keep_tags = ["monthly"]
+timezone = "UTC"
+''')
+    monkeypatch.delenv("CLUBSNAP_PASSWORD")
+    env = {"CLUBSNAP_CONFIG": str(config)}
+    assert cli("init", env=env).returncode == 0
+    for tag in ("monthly", "a", "b"):
+        result = cli("snapshot", "--tag", tag, env=env)  # the data dir, repository, password: all from the file
+        assert result.returncode == 0, result.stderr
+    dry = cli("forget", "--dry-run", "--json", env=env)
+    decisions = json.loads(dry.stdout)["groups"][0]["decisions"]
+    assert [d["keep"] for d in decisions] == [True, False, True]  # last 1, and the monthly one
+    shown = cli("config", "show", "--json", env={**env, "CLUBSNAP_S3_SECRET_ACCESS_KEY": "hunter2"})
+    settings = json.loads(shown.stdout)["settings"]
+    assert settings["repository"] == {"value": str(repo), "from": str(config)}
+    assert settings["clubsnap_s3_secret_access_key"]["value"] == "***" and "hunter2" not in shown.stdout
+    assert TEST_PASSWORD not in shown.stdout and settings["password_file"]["value"] == str(secret)
+    assert settings["retention"] == {"value": "last 1, tag monthly", "from": str(config)}
+    # The environment and the command line win over the file.
+    other = tmp_path / "other-repo"
+    assert cli("--config", str(config), "--repo", str(other), "init").returncode == 0
+    assert json.loads(cli("snapshots", "--json", env={**env, "CLUBSNAP_REPO": str(other)}).stdout) == []
+    assert cli("--repo", str(other), "config", "show", "--json", env=env).stdout.count('"--repo"') == 1
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ('repositry = "/x"', "unknown setting 'repositry'"),
+    ('include_logs = "yes"', "include_logs must be a boolean"),
+    ('[retention]\nkeep_daly = 7', "unknown retention setting 'keep_daly'"),
+    ('[retention]\ntimezone = "UTC"', "keeps nothing"),
+    ('[retention]\nkeep_within = "3 days"', "cannot read duration"),
+    ('[retention]\nkeep_daily = 7\ngroup_by = ["colour"]', "cannot group by colour"),
+    ('repository = ', "not valid TOML"),
+])
+def test_a_bad_config_file_is_a_one_line_error(cli: Cli, tmp_path: Path, text: str, complaint: str) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(text + "\n")
+    result = cli("--config", str(config), "snapshots", env={"CLUBSNAP_REPO": str(tmp_path / "repo")})
+    assert result.returncode == 2 and complaint in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_named_config_file_must_exist(cli: Cli, tmp_path: Path) -> None:
+    result = cli("--config", str(tmp_path / "missing.toml"), "snapshots")
+    assert result.returncode == 2 and "cannot read the configuration file" in result.stderr
+
+
+def test_the_default_location_is_used(cli: Cli, tmp_path: Path) -> None:
+    home = tmp_path / "xdg"
+    (home / "clubsnap").mkdir(parents=True)
+    (home / "clubsnap" / "config.toml").write_text(f'repository = "{tmp_path / "repo"}"\n')
+    assert cli("init", env={"XDG_CONFIG_HOME": str(home), "CLUBSNAP_REPO": ""}).returncode == 0
+    assert (tmp_path / "repo" / "config").exists()

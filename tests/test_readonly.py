@@ -1,0 +1,79 @@
+"""Snapshots of a data directory mounted read-only, as a Docker sidecar sees club's volume
+(`-v club-data:/data:ro`), while club keeps writing through its own read-write mount.
+
+The snapshot runs in a private mount namespace where the data dir is a read-only bind
+mount (root, with `unshare`); without root, the data dir is made unwritable instead."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.clubgen import LiveWriter, generate
+
+from .conftest import ROOT
+
+
+def _read_only_snapshot(data: Path, repo: Path, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "engine", "snapshot", str(data)]
+    if os.geteuid() == 0:
+        script = f'mount --bind -o ro "{data}" "{data}" && exec "$@"'
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def _can_bind_read_only(tmp_path: Path) -> bool:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             f'mount --bind -o ro "{probe}" "{probe}" && ! touch "{probe}/x"'], capture_output=True)
+    return result.returncode == 0
+
+
+def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data, repo, cache = tmp_path / "data", tmp_path / "repo", tmp_path / "cache"
+    generate(data, "tiny", seed=8)
+    if os.geteuid() == 0:
+        assert shutil.which("unshare") and _can_bind_read_only(tmp_path), "no read-only bind mount possible here"
+    assert cli("init", repo=repo).returncode == 0
+    ids = []
+    with LiveWriter(data, interval=0.003, publish_every=15) as writer:
+        time.sleep(0.3)
+        for _ in range(3):
+            result = _read_only_snapshot(data, repo, cache)
+            assert result.returncode == 0, result.stderr  # not partial: every file read, the WAL too
+            ids.append(result.stdout.split()[1])
+            time.sleep(0.2)
+    assert writer.commits > 0 and writer.publishes > 0
+    for snap in ids:  # each one consistent: restored, every row's blob there, integrity_check ok
+        verified = cli("verify", snap, "--temp-dir", str(tmp_path), repo=repo)
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    # Club stopped: its last connection checkpointed and removed -wal and -shm. SQLite
+    # cannot read a WAL database read-only without them: one clear line says so.
+    assert not (data / "db" / "club.db-shm").exists()
+    stopped = _read_only_snapshot(data, repo, cache)
+    assert stopped.returncode == 3
+    assert "a WAL database on a read-only mount can be read only while its -shm file exists" in stopped.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions; the bind-mount test covers root")
+def test_snapshot_of_an_unwritable_data_dir(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=9)
+    for path in [data, *data.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        assert cli("init", repo=repo).returncode == 0
+        result = _read_only_snapshot(data, repo, tmp_path / "cache")
+        assert result.returncode in (0, 3), result.stderr
+    finally:
+        for path in [data, *data.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
