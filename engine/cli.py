@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
+import threading
 import ctypes
 import ctypes.util
 import json
@@ -15,7 +17,6 @@ import os
 import socket
 import sqlite3
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -28,9 +29,9 @@ from .backends.s3 import S3Backend, S3Settings, is_bucket_url
 from .clubcheck import ClubReport, check_club
 from .diff import diff_trees
 from . import keys, locks
-from . import configfile
+from . import configfile, scheduler
 from .configfile import ConfigFile
-from .health import record_verification, repository_status, span
+from .health import repository_status, span, verify_snapshot
 from .forget import (
     DEFAULT_GROUP_BY, Group, StoredPolicy, check_group_by, load_policy, plan_forget, remove_snapshots, save_policy,
     snapshots_by_ids, zone_named,
@@ -448,13 +449,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return _report_club(args, check_club(Path(args.data)), args.data)
     repo = _open(args)
     snap = repo.snapshot_at(parse_time(args.at, _now())) if args.at else repo.find_snapshot(args.snapshot)
-    with repo.read_lock() or contextlib.nullcontext(), \
-            tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=args.temp_dir) as scratch:
-        plan = plan_restore(repo, snap, Path(scratch) / "data")
-        apply_restore(repo, plan, allow_in_use=True, set_owner=False)
-        report = check_club(Path(scratch) / "data")
-        record_verification(repo, snap, report, _now())  # for `status`, on any host
-        return _report_club(args, report, f"snapshot {snap.id.short()}")
+    return _report_club(args, verify_snapshot(repo, snap, args.temp_dir, _now()), f"snapshot {snap.id.short()}")
 
 
 def _report_club(args: argparse.Namespace, report: ClubReport, what: str) -> int:
@@ -472,7 +467,7 @@ def _report_club(args: argparse.Namespace, report: ClubReport, what: str) -> int
 
 def cmd_status(args: argparse.Namespace) -> int:
     repo = _open(args)
-    max_age = timedelta(seconds=_seconds(args.max_age)) if args.max_age else None
+    max_age = timedelta(seconds=configfile.seconds(args.max_age)) if args.max_age else None
     status = repository_status(repo, _now(), max_age)
     newest, verification = status.newest, status.verification
     size = sum(t["bytes"] for t in newest.record.get("tiers", {}).values()) if newest else 0
@@ -594,7 +589,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def _prune_options(args: argparse.Namespace) -> PruneOptions:
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
     return PruneOptions(max_unused=_max_unused(args.max_unused), dry_run=getattr(args, "dry_run", False),
-                        wait_s=_seconds(args.wait), progress=reporter.line)
+                        wait_s=configfile.seconds(args.wait), progress=reporter.line)
 
 
 def _max_unused(text: str) -> float:
@@ -607,16 +602,6 @@ def _max_unused(text: str) -> float:
     if value < 0:
         raise errors.UsageError("--max-unused cannot be negative")
     return value
-
-
-def _seconds(text: str) -> float:
-    """A duration in seconds, or with a unit: 90s, 5m (minutes), 1h, 2d."""
-    spec = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        return float(spec[:-1]) * units[spec[-1]] if spec and spec[-1] in units else float(spec)
-    except ValueError as exc:
-        raise errors.UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h or 2d") from exc
 
 
 def _prune_text(report: PruneReport) -> str:
@@ -684,6 +669,65 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         removed = len(locks.remove_stale(repo.backend, repo.cipher))
     _emit(args, {"removed": removed}, f"removed {removed} lock(s)")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT."""
+    data_dir = args.data_dir or _config(args).get("data_dir")
+    if not data_dir:
+        raise errors.UsageError("no data directory given: name it, or set data_dir in the configuration file")
+    schedule = _schedule(args)
+    repo = _open(args)
+    include_logs = args.include_logs or bool(_config(args).get("include_logs"))
+    host = args.host or socket.gethostname()
+
+    def options(tags: list[str]) -> SnapshotOptions:
+        return SnapshotOptions(source=Path(data_dir), host=host, now=_now, tags=(args.tag or []) + tags,
+                               include_logs=include_logs)
+
+    jobs = scheduler.Jobs(repo, options, _policy_from_args(args) or _config(args).retention,
+                          replace(_prune_options(args), progress=None), args.temp_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def log(event: dict[str, Any]) -> None:
+        event = {"time": _now().isoformat(timespec="seconds"), **event}
+        if args.log_json:
+            print(json.dumps(event, default=str), flush=True)
+        else:
+            details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "ok"))
+            state = "" if "ok" not in event else " ok" if event["ok"] else " FAILED"
+            print(f"{event['time']} {event['event']}{state} {details}".rstrip(), flush=True)
+
+    scheduler.run(jobs, schedule, stop, log, _cache_root(args) / repo.config.repo_id)
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> scheduler.Schedule:
+    """The schedule: options, else the configuration file's [schedule], else the defaults."""
+    written = _config(args).schedule
+    defaults = scheduler.Schedule()
+
+    def every(option: str, key: str, default: float | None) -> float | None:
+        text = getattr(args, option) or written.get(key)
+        if text is None:
+            return default
+        if text.strip().lower() == "off":
+            return None
+        value = configfile.seconds(text)
+        if value <= 0:
+            raise errors.UsageError(f"{key} must be positive (or \"off\")")
+        return value
+
+    daily = args.daily_at or written.get("daily_at")
+    try:
+        daily_at = None if daily in (None, "off") else datetime.strptime(daily, "%H:%M").time()
+    except ValueError as exc:
+        raise errors.UsageError(f"daily_at takes a local time like 02:30, not {daily!r}") from exc
+    return scheduler.Schedule(every("every", "snapshot_every", defaults.snapshot_every), daily_at,
+                              every("prune_every", "prune_every", defaults.prune_every),
+                              every("verify_every", "verify_every", defaults.verify_every))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -843,6 +887,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "is the backup healthy: the newest snapshot's age, the last verify's result")
     p.add_argument("--max-age", metavar="DURATION",
                    help="exit 22 when the newest snapshot is older than this (90s, 30m, 1h, 2d)")
+    p = add("run", cmd_run, "take snapshots, forget and prune, and verify on a schedule, until SIGTERM: for a "
+                            "container or a systemd service")
+    p.add_argument("data_dir", nargs="?", help="club's DATA_DIR (default: data_dir of the configuration file)")
+    p.add_argument("--every", help="snapshot interval (default: [schedule] snapshot_every, else 10m; 'off')")
+    p.add_argument("--daily-at", help="local time (HH:MM) of a snapshot tagged daily (default: [schedule] daily_at)")
+    p.add_argument("--prune-every", help="forget by the retention policy, then prune, this often (default 1d; 'off')")
+    p.add_argument("--verify-every", help="verify the newest snapshot this often (default 1d; 'off')")
+    p.add_argument("--tag", action="append", help="tag every snapshot (repeatable)")
+    p.add_argument("--host", help="host name recorded in the snapshots (default: this machine's)")
+    p.add_argument("--include-logs", action="store_true", help="also snapshot logs/")
+    p.add_argument("--temp-dir", help="where verify restores the snapshot (default: system temp)")
+    p.add_argument("--log-json", action="store_true", help="one JSON object per line on stdout")
+    _add_policy_options(p)
+    _add_prune_options(p)
     p = add("config", cmd_config, "show the settings in effect and where each comes from (secrets masked)")
     p.add_argument("config_command", choices=("show",))
     add("stats", cmd_stats, "repository statistics")

@@ -21,6 +21,12 @@ override environment variables, which override the file::
     group_by = ["host", "source"]
     timezone = "Europe/Berlin"               # or "UTC"; default: the machine's local time
 
+    [schedule]                               # for `clubsnap run`; "off" disables a job
+    snapshot_every = "10m"
+    daily_at = "02:30"                       # local time of a snapshot tagged "daily"
+    prune_every = "1d"                       # forget by [retention], then prune
+    verify_every = "1d"                      # verify the newest snapshot
+
 An unknown key is an error that names it: a misspelt ``keep_daly`` must not silently
 keep nothing.
 """
@@ -38,6 +44,7 @@ from .forget import DEFAULT_GROUP_BY, StoredPolicy, check_group_by, zone_named
 from .retention import PERIODS, Duration, Policy
 
 TOP_LEVEL = {"data_dir": str, "repository": str, "password_file": str, "cache_dir": str, "include_logs": bool}
+SCHEDULE = {"snapshot_every", "daily_at", "prune_every", "verify_every"}
 RETENTION = {"keep_last", *(f"keep_{p}" for p in PERIODS), "keep_within", *(f"keep_within_{p}" for p in PERIODS),
              "keep_tags", "group_by", "timezone"}
 
@@ -47,6 +54,7 @@ class ConfigFile:
     path: Path | None  # None: no file was found (all defaults)
     values: dict[str, Any] = field(default_factory=dict)  # the top-level keys given
     retention: StoredPolicy | None = None
+    schedule: dict[str, str] = field(default_factory=dict)  # as written; `run` reads it
 
     def get(self, key: str) -> Any:
         return self.values.get(key)
@@ -78,18 +86,22 @@ def _read(path: Path) -> ConfigFile:
         raise UsageError(f"{path}: not valid TOML ({exc})") from exc
     values = {}
     for key, value in document.items():
-        if key == "retention":
+        if key in ("retention", "schedule"):
             continue
         expected = TOP_LEVEL.get(key)
         if expected is None:
-            raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(TOP_LEVEL))}, [retention])")
+            raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(TOP_LEVEL))}, [retention], "
+                             f"[schedule])")
         if not isinstance(value, expected):
             raise UsageError(f"{path}: {key} must be a {'boolean' if expected is bool else 'string'}")
         values[key] = value
     retention = document.get("retention")
     if retention is not None and not isinstance(retention, dict):
         raise UsageError(f"{path}: retention must be a table ([retention])")
-    return ConfigFile(path, values, _retention(path, retention) if retention else None)
+    schedule = document.get("schedule", {})
+    if not isinstance(schedule, dict) or set(schedule) - SCHEDULE or not all(isinstance(v, str) for v in schedule.values()):
+        raise UsageError(f"{path}: [schedule] takes {', '.join(sorted(SCHEDULE))}, as strings (\"10m\", \"02:30\", \"off\")")
+    return ConfigFile(path, values, _retention(path, retention) if retention else None, dict(schedule))
 
 
 def _retention(path: Path, table: dict[str, Any]) -> StoredPolicy:
@@ -120,4 +132,17 @@ def _count(table: dict[str, Any], key: str) -> int:
     value = table.get(key, 0)
     if not isinstance(value, int) or isinstance(value, bool):
         raise UsageError(f"{key} must be a whole number (-1: every period)")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds, or with a unit: 90s, 5m (minutes), 1h, 2d."""
+    spec = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        value = float(spec[:-1]) * units[spec[-1]] if spec and spec[-1] in units else float(spec)
+    except ValueError as exc:
+        raise UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h or 2d") from exc
+    if value < 0:
+        raise UsageError(f"duration {text!r} is negative")
     return value

@@ -9,18 +9,35 @@ cron, a healthcheck or a monitoring probe.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .clubcheck import ClubReport
+from pathlib import Path
+
+from .clubcheck import ClubReport, check_club
 from .errors import EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
 from .format import SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
 from .repository import Repository, SnapshotInfo
+from .restore import apply_restore, plan_restore
 
 KEEP_VERIFICATIONS = 30  # older verification records are deleted when a new one is written
 MAX_LISTED = 20
+
+
+def verify_snapshot(repo: Repository, snap: SnapshotInfo, temp_dir: str | None, now: datetime) -> ClubReport:
+    """Restore ``snap`` into a temporary directory, check it as club would need it, and
+    record the result (under a read lock: a prune keeps what it reads)."""
+    with repo.read_lock() or contextlib.nullcontext(), \
+            tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=temp_dir) as scratch:
+        plan = plan_restore(repo, snap, Path(scratch) / "data")
+        apply_restore(repo, plan, allow_in_use=True, set_owner=False)
+        report = check_club(Path(scratch) / "data")
+    record_verification(repo, snap, report, now)
+    return report
 
 
 def record_verification(repo: Repository, snap: SnapshotInfo, report: ClubReport, now: datetime) -> str | None:
