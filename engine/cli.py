@@ -740,7 +740,10 @@ def cmd_config(args: argparse.Namespace) -> int:
         value, origin = _setting(args, option, variable, key)
         rows[name] = {"value": value, "from": origin}
     rows["cache_dir"]["value"] = str(_cache_root(args))
-    if os.environ.get("CLUBSNAP_PASSWORD") and not rows["password_file"]["value"]:
+    if os.environ.get("CLUBSNAP_PASSWORD") and rows["password_file"]["from"] not in ("--password-file",
+                                                                                      "$CLUBSNAP_PASSWORD_FILE"):
+        # the same order as _read_password: the variable wins over the file's password_file
+        rows["password_file"] = {"value": None, "from": "-"}
         rows["password"] = {"value": "*** (set)", "from": "$CLUBSNAP_PASSWORD"}
     rows["data_dir"] = {"value": config.get("data_dir"), "from": str(config.path) if config.get("data_dir") else "-"}
     rows["include_logs"] = {"value": bool(config.get("include_logs")),

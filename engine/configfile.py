@@ -33,6 +33,7 @@ keep nothing.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ from .forget import DEFAULT_GROUP_BY, StoredPolicy, check_group_by, zone_named
 from .retention import PERIODS, Duration, Policy
 
 TOP_LEVEL = {"data_dir": str, "repository": str, "password_file": str, "cache_dir": str, "include_logs": bool}
+MAX_SECONDS = 3650 * 86400.0
 SCHEDULE = {"snapshot_every", "daily_at", "prune_every", "verify_every"}
 RETENTION = {"keep_last", *(f"keep_{p}" for p in PERIODS), "keep_within", *(f"keep_within_{p}" for p in PERIODS),
              "keep_tags", "group_by", "timezone"}
@@ -82,7 +84,7 @@ def _read(path: Path) -> ConfigFile:
             document = tomllib.load(handle)
     except OSError as exc:
         raise UsageError(f"cannot read the configuration file {path}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: not valid TOML ({exc})") from exc
     values = {}
     for key, value in document.items():
@@ -109,6 +111,12 @@ def _retention(path: Path, table: dict[str, Any]) -> StoredPolicy:
     if unknown:
         raise UsageError(f"{path}: unknown retention setting {unknown[0]!r} (known: {', '.join(sorted(RETENTION))})")
     try:
+        for key in ("keep_within", "timezone", *(f"keep_within_{p}" for p in PERIODS)):
+            if key in table and not isinstance(table[key], str):
+                raise UsageError(f"{key} must be a string")
+        for key in ("keep_tags", "group_by"):
+            if key in table and not (isinstance(table[key], list) and all(isinstance(v, str) for v in table[key])):
+                raise UsageError(f"{key} must be a list of strings, like [\"monthly\"]")
         counts = {p: _count(table, f"keep_{p}") for p in ("last", *PERIODS)}
         policy = Policy(
             last=counts["last"], hourly=counts["hourly"], daily=counts["daily"], weekly=counts["weekly"],
@@ -143,6 +151,6 @@ def seconds(text: str) -> float:
         value = float(spec[:-1]) * units[spec[-1]] if spec and spec[-1] in units else float(spec)
     except ValueError as exc:
         raise UsageError(f"cannot read duration {text!r}: use e.g. 90s, 5m, 1h or 2d") from exc
-    if value < 0:
-        raise UsageError(f"duration {text!r} is negative")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise UsageError(f"duration {text!r} is out of range (0 to 3650d)")
     return value

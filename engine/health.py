@@ -26,16 +26,22 @@ from .restore import apply_restore, plan_restore
 
 KEEP_VERIFICATIONS = 30  # older verification records are deleted when a new one is written
 MAX_LISTED = 20
+CLOCK_SKEW = timedelta(minutes=5)  # a snapshot dated further ahead than this is suspect
 
 
 def verify_snapshot(repo: Repository, snap: SnapshotInfo, temp_dir: str | None, now: datetime) -> ClubReport:
     """Restore ``snap`` into a temporary directory, check it as club would need it, and
     record the result (under a read lock: a prune keeps what it reads)."""
-    with repo.read_lock() or contextlib.nullcontext(), \
-            tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=temp_dir) as scratch:
-        plan = plan_restore(repo, snap, Path(scratch) / "data")
-        apply_restore(repo, plan, allow_in_use=True, set_owner=False)
-        report = check_club(Path(scratch) / "data")
+    try:
+        with repo.read_lock() or contextlib.nullcontext(), \
+                tempfile.TemporaryDirectory(prefix="clubsnap-verify-", dir=temp_dir) as scratch:
+            plan = plan_restore(repo, snap, Path(scratch) / "data")
+            apply_restore(repo, plan, allow_in_use=True, set_owner=False)
+            report = check_club(Path(scratch) / "data")
+    except EngineError as exc:
+        # A snapshot that does not even restore is the worst verify result: recorded too.
+        record_verification(repo, snap, ClubReport(database=[f"restore failed: {exc}"]), now)
+        raise
     record_verification(repo, snap, report, now)
     return report
 
@@ -95,6 +101,9 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
             status.problems.append("there is no snapshot")
         elif age is not None and age > max_age:
             status.problems.append(f"the newest snapshot is {span(age)} old (bound {span(max_age)})")
+    if age is not None and age < -CLOCK_SKEW:
+        status.problems.append(f"the newest snapshot ({newest.id.short() if newest else '?'}) is dated "
+                               f"{span(-age)} in the future: a clock is wrong, and its age proves nothing")
     if newest is not None and newest.record.get("partial"):
         status.problems.append(f"the newest snapshot ({newest.id.short()}) is partial: some files were unreadable")
     if newest is not None and newest.record.get("verified", {}).get("consistent") is False:

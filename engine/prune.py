@@ -102,6 +102,9 @@ def prune(repo: Repository, options: PruneOptions) -> PruneReport:
         repo.held_lock = own
         try:
             return _Pruner(repo, options, own).run()
+        except BaseException:
+            repo.discard_unwritten()  # a failed upload must not fail the next command of a long-lived process
+            raise
         finally:
             repo.held_lock = None
 

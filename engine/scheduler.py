@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log) -> in
         waits = [when - now for when in due.values() if when is not None]
         if next_daily is not None:
             waits.append((next_daily - jobs.now()).total_seconds())
-        stop.wait(max(0.05, min(waits)) if waits else None)
+        stop.wait(min(max(0.05, min(waits)), 3600.0) if waits else 3600.0)
     log({"event": "stop", "failures": failures})
     return failures
 
@@ -113,8 +114,9 @@ def _job(name: str, action: Callable[[], dict[str, Any]], log: Log) -> bool:
     started = time.monotonic()
     try:
         result = action()
-    except EngineError as exc:
-        log({"event": name, "ok": False, "error": str(exc), "exit_code": exc.exit_code,
+    except (EngineError, OSError, sqlite3.Error) as exc:  # the scheduler outlives any one job
+        log({"event": name, "ok": False, "error": str(exc) or type(exc).__name__,
+             "exit_code": exc.exit_code if isinstance(exc, EngineError) else 1,
              "duration_s": round(time.monotonic() - started, 3)})
         return False
     log({"event": name, "ok": True, "duration_s": round(time.monotonic() - started, 3), **result})

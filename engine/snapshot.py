@@ -95,9 +95,9 @@ def create_snapshot(repo: Repository, options: SnapshotOptions) -> SnapshotResul
     blobs only: a blob in a pack a prune condemned may be deleted before this snapshot
     is saved (docs/format.md §10)."""
     with repo.lock("snapshot") as lock:
-        repo.start_session()
         repo.read_condemned, repo.held_lock = False, lock
         try:
+            repo.start_session()
             return _create(repo, options, lock)
         except BaseException:
             repo.discard_unwritten()

@@ -68,6 +68,9 @@ timezone = "UTC"
     ('[retention]\nkeep_within = "3 days"', "cannot read duration"),
     ('[retention]\nkeep_daily = 7\ngroup_by = ["colour"]', "cannot group by colour"),
     ('repository = ', "not valid TOML"),
+    ('[retention]\nkeep_last = 1\nkeep_tags = "monthly"', "keep_tags must be a list of strings"),
+    ('[retention]\nkeep_last = 1\ntimezone = 5', "timezone must be a string"),
+    ('[retention]\nkeep_last = 1\ngroup_by = 5', "group_by must be a list of strings"),
 ])
 def test_a_bad_config_file_is_a_one_line_error(cli: Cli, tmp_path: Path, text: str, complaint: str) -> None:
     config = tmp_path / "bad.toml"

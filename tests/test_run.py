@@ -62,3 +62,17 @@ def test_run_schedules_snapshots_retention_and_verify(cli: Cli, tmp_path: Path) 
     time.sleep(16)  # the schedule is stopped: the newest snapshot ages past the bound
     stale = cli("status", "--max-age", "15s", repo=repo)
     assert stale.returncode == Unhealthy.exit_code and "the newest snapshot is" in stale.stderr
+
+
+def test_a_job_failing_in_any_way_does_not_stop_the_scheduler() -> None:
+    import sqlite3
+    from engine import scheduler
+    from engine.errors import BackendError
+    logged: list[dict[str, object]] = []
+    for failure in (BackendError("bucket unreachable"), OSError(2, "No such file or directory"),
+                    sqlite3.OperationalError("database is locked")):
+        def action(failure: Exception = failure) -> dict[str, object]:
+            raise failure
+        assert scheduler._job("verify", action, logged.append) is False
+    assert [e["ok"] for e in logged] == [False, False, False]
+    assert [e["exit_code"] for e in logged] == [13, 1, 1] and "database is locked" in str(logged[2]["error"])

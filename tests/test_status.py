@@ -81,3 +81,27 @@ def test_verification_records_are_capped_and_optional(repo: Repository, clock: C
 
     repo.backend.put = refuse  # type: ignore[method-assign]
     assert record_verification(repo, snap, ClubReport(), clock()) is None  # the verify stands without it
+
+
+def test_a_verify_that_cannot_restore_is_recorded_as_failed(cli: Cli, tmp_path: Path) -> None:
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=6)
+    assert cli("init", repo=repo).returncode == 0
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    for pack in (repo / "data").rglob("*"):
+        if pack.is_file():
+            pack.unlink()  # the data is gone: the snapshot cannot be restored
+    assert cli("verify", "latest", repo=repo).returncode != 0
+    status = cli("status", "--max-age", "1h", "--json", repo=repo)
+    assert status.returncode == Unhealthy.exit_code
+    assert "restore failed" in json.loads(status.stdout)["last_verify"]["problems"][0]
+
+
+def test_a_snapshot_dated_in_the_future_is_suspect(repo: Repository, tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+    from engine import SnapshotOptions, create_snapshot
+    generate(tmp_path / "data", "tiny", seed=7)
+    ahead = datetime.now(timezone.utc) + timedelta(days=400)  # a host with a wrong clock
+    create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=lambda: ahead))
+    status = repository_status(repo, datetime.now(timezone.utc), timedelta(hours=1))
+    assert not status.healthy and "in the future" in status.problems[0]
