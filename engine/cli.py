@@ -251,10 +251,19 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_snapshot(args: argparse.Namespace) -> int:
+def _data_dir(args: argparse.Namespace) -> Path:
     data_dir = args.data_dir or _config(args).get("data_dir")
     if not data_dir:
         raise errors.UsageError("no data directory given: name it, or set data_dir in the configuration file")
+    return Path(data_dir)
+
+
+def _include_logs(args: argparse.Namespace) -> bool:
+    return bool(args.include_logs or _config(args).get("include_logs"))
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
     repo = _open(args)
     reporter = _Reporter(sys.stderr.isatty() and not args.json)
     blob_store = None
@@ -262,10 +271,9 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         if not is_bucket_url(args.blobs):
             raise errors.UsageError(f"--blobs takes a bucket URL (s3://bucket[/prefix] or gs://…), not {args.blobs!r}")
         blob_store = _blob_bucket(args.blobs, repo, "--blobs")
-    options = SnapshotOptions(source=Path(data_dir), host=args.host or socket.gethostname(),
+    options = SnapshotOptions(source=data_dir, host=args.host or socket.gethostname(),
                               now=_now, tags=args.tag or [], verify=args.verify, blob_store=blob_store,
-                              include_logs=args.include_logs or bool(_config(args).get("include_logs")),
-                              progress=reporter.snapshot)
+                              include_logs=_include_logs(args), progress=reporter.snapshot)
     result = create_snapshot(repo, options)
     reporter.done()
     for problem in result.errors + result.warnings:
@@ -673,16 +681,13 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT."""
-    data_dir = args.data_dir or _config(args).get("data_dir")
-    if not data_dir:
-        raise errors.UsageError("no data directory given: name it, or set data_dir in the configuration file")
+    data_dir, include_logs = _data_dir(args), _include_logs(args)
     schedule = _schedule(args)
     repo = _open(args)
-    include_logs = args.include_logs or bool(_config(args).get("include_logs"))
     host = args.host or socket.gethostname()
 
     def options(tags: list[str]) -> SnapshotOptions:
-        return SnapshotOptions(source=Path(data_dir), host=host, now=_now, tags=(args.tag or []) + tags,
+        return SnapshotOptions(source=data_dir, host=host, now=_now, tags=(args.tag or []) + tags,
                                include_logs=include_logs)
 
     jobs = scheduler.Jobs(repo, options, _policy_from_args(args) or _config(args).retention,
