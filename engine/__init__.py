@@ -9,7 +9,7 @@ from .diff import diff_trees
 from .errors import EngineError
 from .forget import StoredPolicy, load_policy, plan_forget, remove_snapshots, save_policy
 from .prune import PruneOptions, PruneReport, prune
-from .repository import Repository, SnapshotInfo
+from .repository import Repository, SnapshotFilter, SnapshotInfo
 from .restore import apply_restore, plan_restore
 from .retention import Candidate, Duration, Policy, apply_policy
 from .snapshot import SnapshotOptions, create_snapshot
@@ -27,6 +27,7 @@ __all__ = [
     "PruneOptions",
     "PruneReport",
     "Repository",
+    "SnapshotFilter",
     "SnapshotInfo",
     "SnapshotOptions",
     "StoredPolicy",

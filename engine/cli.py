@@ -39,8 +39,8 @@ from .forget import (
 from .prune import PruneOptions, PruneReport, prune
 from .retention import PERIODS, Duration, Policy
 from .crypto import SCHEME
-from .format import KEYS_PREFIX
-from .repository import Repository, SnapshotInfo
+from .format import KEYS_PREFIX, display
+from .repository import Repository, SnapshotFilter, SnapshotInfo
 from .restore import apply_restore, check_databases, plan_restore
 from .restore_bucket import apply_bucket_restore, plan_bucket_restore
 from .snapshot import Progress, SnapshotOptions, create_snapshot
@@ -302,8 +302,17 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     return errors.EXIT_PARTIAL if result.partial else 0
 
 
+def _filter(args: argparse.Namespace) -> SnapshotFilter | None:
+    """``--host``, ``--path`` and ``--tag`` of the commands that pick a snapshot."""
+    if not (args.host or args.path or args.tag):
+        return None
+    path = display(os.fsencode(Path(args.path).absolute())) if args.path else None
+    return SnapshotFilter(args.host, path, tuple(args.tag or ()))
+
+
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    snaps = _open(args).snapshots()
+    select = _filter(args)
+    snaps = [s for s in _open(args).snapshots() if select is None or select.matches(s)]
     rows = [{"id": s.id.hex(), "short_id": s.id.short(), "time": s.time.isoformat(),
              "host": s.record.get("host"), "source": s.record.get("source"), "tags": s.tags,
              "parent": s.record["parent"].hex() if s.record.get("parent") else None,
@@ -325,9 +334,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise errors.UsageError("give a snapshot id, 'latest', or --at TIME (exactly one)")
     repo = _open(args)
     if args.at:
-        snap = repo.snapshot_at(parse_time(args.at, _now()))
+        snap = repo.snapshot_at(parse_time(args.at, _now()), _filter(args))
     else:
-        snap = repo.find_snapshot(args.snapshot)
+        snap = repo.find_snapshot(args.snapshot, _filter(args))
     with repo.read_lock() or contextlib.nullcontext():  # a prune then keeps what this may read
         return _restore(args, repo, snap)
 
@@ -456,7 +465,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.data:
         return _report_club(args, check_club(Path(args.data)), args.data)
     repo = _open(args)
-    snap = repo.snapshot_at(parse_time(args.at, _now())) if args.at else repo.find_snapshot(args.snapshot)
+    select = _filter(args)
+    snap = repo.snapshot_at(parse_time(args.at, _now()), select) if args.at else repo.find_snapshot(args.snapshot, select)
     return _report_club(args, verify_snapshot(repo, snap, args.temp_dir, _now()), f"snapshot {snap.id.short()}")
 
 
@@ -782,6 +792,12 @@ def _add_policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--utc", action="store_true", help="calendar periods in UTC")
 
 
+def _add_filter_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="only snapshots of this host")
+    p.add_argument("--path", help="only snapshots of this data directory")
+    p.add_argument("--tag", action="append", help="only snapshots with this tag (repeatable: all of them)")
+
+
 def _add_prune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-unused", default="5%",
                    help="unused data tolerated in kept packs, as a percentage of the used data (default 5%%; "
@@ -850,7 +866,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="host name recorded in the snapshot (default: this machine's)")
     p.add_argument("--blobs", metavar="URL",
                    help="club's blob store is this bucket (s3://bucket[/prefix], gs://…), not DATA_DIR/blobs")
-    add("snapshots", cmd_snapshots, "list snapshots")
+    _add_filter_options(add("snapshots", cmd_snapshots, "list snapshots"))
     p = add("restore", cmd_restore, "restore a snapshot (by id, 'latest', or --at TIME)")
     p.add_argument("snapshot", nargs="?")
     p.add_argument("--at", help="newest snapshot at or before TIME (ISO 8601, or '2h ago')")
@@ -862,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="restore even if a process has the database open")
     p.add_argument("--db-check", choices=("integrity", "quick", "none"), default="integrity",
                    help="SQLite check run on each restored database (default: integrity)")
+    _add_filter_options(p)
     p = add("diff", cmd_diff, "show what changed between two snapshots")
     p.add_argument("a")
     p.add_argument("b")
@@ -874,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at", help="the newest snapshot at or before TIME")
     p.add_argument("--data", help="check this data directory instead of a snapshot")
     p.add_argument("--temp-dir", help="where to restore the snapshot for the check (default: system temp)")
+    _add_filter_options(p)
     p = add("forget", cmd_forget, "remove snapshots by a retention policy, or by id (their data goes at prune)")
     p.add_argument("snapshot_ids", nargs="*", metavar="ID", help="snapshot ids to remove (instead of a policy)")
     _add_policy_options(p)

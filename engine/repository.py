@@ -81,6 +81,27 @@ class SnapshotInfo:
         return list(self.record.get("tags", []))
 
 
+@dataclass(frozen=True)
+class SnapshotFilter:
+    """Which snapshots ``latest`` and ``--at`` may pick: those of one host, one source
+    (the data dir's absolute path, as recorded) and carrying every tag given. A
+    repository shared by several hosts or data dirs then answers per registry."""
+
+    host: str | None = None
+    source: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def matches(self, snap: SnapshotInfo) -> bool:
+        return ((self.host is None or snap.record.get("host") == self.host)
+                and (self.source is None or snap.record.get("source") == self.source)
+                and set(self.tags) <= set(snap.tags))
+
+    def describe(self) -> str:
+        parts = ([f"of host {self.host}"] if self.host else []) + ([f"of {self.source}"] if self.source else []) \
+            + ([f"tagged {','.join(self.tags)}"] if self.tags else [])
+        return " ".join(parts)
+
+
 @dataclass
 class WriteStats:
     """What this session added to the repository."""
@@ -648,27 +669,41 @@ class Repository:
             found.add(key)
         return found
 
-    def find_snapshot(self, ref: str) -> SnapshotInfo:
-        """A snapshot by full or unique-prefix hex id, or ``latest``; reads one record."""
+    def find_snapshot(self, ref: str, select: SnapshotFilter | None = None) -> SnapshotInfo:
+        """A snapshot by full or unique-prefix hex id, or ``latest`` (the newest that
+        ``select`` matches: records are read newest first, until one matches)."""
         keys = self.snapshot_keys()
         if not keys:
             raise SnapshotNotFound(f"the repository at {self.backend.location} has no snapshots")
         if ref == "latest":
-            return self.load_snapshot(keys[-1][2])
+            return self._newest(keys, select, "")
         matches = [key for _, snap_id, key in keys if snap_id.hex().startswith(ref.lower())]
         if len(matches) != 1:
             what = "matches no snapshot" if not matches else "is ambiguous"
             raise SnapshotNotFound(f"snapshot id {ref!r} {what}")
         return self.load_snapshot(matches[0])
 
-    def snapshot_at(self, when: datetime) -> SnapshotInfo:
-        """The newest snapshot taken at or before ``when``; reads one record."""
+    def snapshot_at(self, when: datetime, select: SnapshotFilter | None = None) -> SnapshotInfo:
+        """The newest snapshot taken at or before ``when`` that ``select`` matches."""
         keys = self.snapshot_keys()
-        eligible = [key for time, _, key in keys if time <= when]
+        eligible = [k for k in keys if k[0] <= when]
         if not eligible:
             oldest = keys[0][0].isoformat() if keys else "none"
             raise SnapshotNotFound(f"no snapshot at or before {when.isoformat()} (oldest: {oldest})")
-        return self.load_snapshot(eligible[-1])
+        return self._newest(eligible, select, f" at or before {when.isoformat()}")
+
+    def _newest(self, keys: list[tuple[datetime, SnapshotId, str]], select: SnapshotFilter | None,
+                when: str) -> SnapshotInfo:
+        for _, _, key in reversed(keys):
+            if select is None:
+                return self.load_snapshot(key)
+            try:
+                snap = self.load_snapshot(key)
+            except ObjectNotFound:
+                continue  # forgotten since the listing
+            if select.matches(snap):
+                return snap
+        raise SnapshotNotFound(f"no snapshot{when} {select.describe() if select else ''}".rstrip())
 
     # ---- failure -------------------------------------------------------------------------
 

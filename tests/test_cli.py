@@ -86,3 +86,30 @@ def test_odd_file_names_and_symlinks_round_trip(cli: Cli, tmp_path: Path) -> Non
     with open(restored, "rb") as handle:
         assert handle.read() == b"bytes of a file whose name is not UTF-8"
     assert os.readlink(tmp_path / "t" / "blobs" / "link") == "caf\udce9 \udcff.bin"
+
+
+def test_latest_and_at_pick_by_host_path_and_tag(cli: Cli, tmp_path: Path) -> None:
+    """One repository shared by two hosts: ``latest`` and ``--at`` answer per host, path
+    and tag, so a rollback restores the pre-upgrade snapshot, not the newest of all."""
+    data, other, repo = tmp_path / "data", tmp_path / "other", tmp_path / "repo"
+    generate(data, "tiny", seed=23)
+    generate(other, "tiny", seed=24)
+    _ok(cli("init", repo=repo))
+    before = _ok(cli("snapshot", str(data), "--host", "alpha", "--tag", "pre-upgrade", "--json", repo=repo))
+    one_day(data, seed=23, day=1)
+    _ok(cli("snapshot", str(data), "--host", "alpha", repo=repo))
+    newest = _ok(cli("snapshot", str(other), "--host", "beta", "--json", repo=repo))
+
+    def ids(*options: str) -> list[str]:
+        return [s["id"] for s in json.loads(_ok(cli("snapshots", "--json", *options, repo=repo)).stdout)]
+
+    assert len(ids()) == 3 and len(ids("--host", "alpha")) == 2
+    assert ids("--path", str(other)) == [json.loads(newest.stdout)["id"]]
+    assert ids("--host", "alpha", "--tag", "pre-upgrade") == [json.loads(before.stdout)["id"]]
+    plan = json.loads(_ok(cli("restore", "latest", "--tag", "pre-upgrade", "--target", str(tmp_path / "t"),
+                              "--dry-run", "--json", repo=repo)).stdout)
+    assert plan["snapshot"] == json.loads(before.stdout)["id"]
+    verified = _ok(cli("verify", "latest", "--host", "beta", repo=repo))
+    assert json.loads(newest.stdout)["id"][:8] in verified.stdout
+    missing = cli("restore", "latest", "--host", "gamma", "--target", str(tmp_path / "t"), repo=repo)
+    assert missing.returncode == 14 and missing.stderr.strip() == "clubsnap: no snapshot of host gamma"
