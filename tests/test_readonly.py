@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.clubgen import LiveWriter, generate
+from benchmarks.clubstate import db_dump
 
 from .conftest import ROOT
 
@@ -57,11 +59,29 @@ def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path
         assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # Club stopped: its last connection checkpointed and removed -wal and -shm. SQLite
-    # cannot read a WAL database read-only without them: one clear line says so.
+    # cannot open a WAL database read-only without an -shm; the file alone then holds
+    # every commit, and it is read as immutable (checked unchanged afterwards).
     assert not (data / "db" / "club.db-shm").exists()
     stopped = _read_only_snapshot(data, repo, cache)
-    assert stopped.returncode == 3
-    assert "a WAL database on a read-only mount can be read only while its -shm file exists" in stopped.stderr
+    assert stopped.returncode == 0, stopped.stderr
+    restored = tmp_path / "restored"
+    assert cli("restore", "latest", "--target", str(restored), repo=repo).returncode == 0
+    assert db_dump(restored / "db" / "club.db", live=False) == db_dump(data / "db" / "club.db", live=False)
+    assert cli("verify", "latest", "--temp-dir", str(tmp_path), repo=repo).returncode == 0
+
+    # A crashed club's -wal without its -shm index cannot be read on a read-only mount:
+    # one clear line says so (and the snapshot is partial).
+    conn = sqlite3.connect(data / "db" / "club.db")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("CREATE TABLE crash_probe (x INTEGER)")
+    conn.commit()
+    crashed = tmp_path / "crashed"
+    shutil.copytree(data, crashed, ignore=shutil.ignore_patterns("club.db-shm"))
+    conn.close()
+    assert (crashed / "db" / "club.db-wal").stat().st_size > 0
+    result = _read_only_snapshot(crashed, repo, cache)
+    assert result.returncode == 3
+    assert "its -wal holds transactions but there is no -shm index" in result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions; the bind-mount test covers root")

@@ -129,7 +129,52 @@ class PinnedImage:
 def pinned_image(database: str) -> Iterator[PinnedImage]:
     """Open ``database`` and hold one read transaction on it for the ``with`` block."""
     with ExitStack() as stack:
-        yield _pin(database, stack)
+        stopped = _stopped_state(database) if _stopped_on_read_only_mount(database) else None
+        yield _pin_stopped(database, stack) if stopped else _pin(database, stack)
+        if stopped and _stopped_state(database) != stopped:
+            raise CaptureError("club started while its stopped database was read from the read-only mount: "
+                               "snapshot again")
+
+
+def _stopped_on_read_only_mount(database: str) -> bool:
+    """A WAL database that club closed cleanly (no ``-shm``; the ``-wal`` gone or empty),
+    in a directory this process cannot write. SQLite would have to create the ``-shm``
+    to open it; yet the file alone then holds every committed page."""
+    try:
+        wal_size = os.path.getsize(database + "-wal")
+    except FileNotFoundError:
+        wal_size = 0
+    return (wal_size == 0 and not os.path.exists(database + "-shm") and _wal_file(database)
+            and not os.access(os.path.dirname(database) or ".", os.W_OK))
+
+
+def _stopped_state(database: str) -> tuple[Any, ...]:
+    """What changes if club starts: the file's identity and times, the -wal and -shm."""
+    st = os.stat(database)
+    sidecars = tuple(os.path.exists(database + suffix) and os.path.getsize(database + suffix)
+                     for suffix in ("-wal", "-shm"))
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sidecars
+
+
+def _pin_stopped(database: str, stack: ExitStack) -> PinnedImage:
+    """Read a stopped club's database on a read-only mount with ``immutable=1``, which
+    skips the locking and the WAL index. Immutable is a promise that nobody writes the
+    file: ``pinned_image`` checks it afterwards, against the state taken before."""
+    raw = stack.enter_context(ExitStack())
+    try:
+        db_fd = _open_raw(raw, database)
+        conn = sqlite3.connect(f"file:{quote(database)}?mode=ro&immutable=1", uri=True, isolation_level=None)
+        stack.callback(conn.close)
+        conn.execute("BEGIN")
+        info = {"method": "page-read", "journal_mode": "wal", "read": "immutable: club stopped, read-only mount",
+                **_describe(conn)}
+    except sqlite3.Error as exc:
+        raise CaptureError(str(exc)) from exc
+    except OSError as exc:
+        raise CaptureError(f"{exc.strerror or exc}") from exc
+    st = os.fstat(db_fd)
+    return PinnedImage(conn, info["page_size"], info["page_count"], info, db_fd, None,
+                       _fingerprint(st, info, b"empty"), st.st_ctime_ns)
 
 
 def _pin(database: str, stack: ExitStack) -> PinnedImage:
@@ -164,9 +209,9 @@ def _explain(exc: sqlite3.Error, database: str) -> str:
     if ("unable to open" in str(exc) and not os.path.exists(database + "-shm")
             and not os.access(os.path.dirname(database) or ".", os.W_OK) and _wal_file(database)):
         # SQLite reads a WAL database only through its -shm index, which it cannot create
-        # on a read-only mount: it exists while club runs, and is gone once club stopped.
-        return (f"{exc}: a WAL database on a read-only mount can be read only while its -shm file exists "
-                f"(club running); with club stopped, mount the data dir read-write for the snapshot")
+        # on a read-only mount. Without one, a non-empty -wal is a crashed club's.
+        return (f"{exc}: its -wal holds transactions but there is no -shm index, and a read-only mount "
+                f"cannot rebuild it (club crashed?): start club once, or mount the data dir read-write")
     return str(exc)
 
 
