@@ -31,7 +31,7 @@ from .diff import diff_trees
 from . import keys, locks
 from . import configfile, scheduler
 from .configfile import ConfigFile
-from .health import repository_status, span, verify_snapshot
+from .health import Status, repository_status, span, verify_snapshot
 from .forget import (
     DEFAULT_GROUP_BY, Group, StoredPolicy, check_group_by, load_policy, plan_forget, remove_snapshots, save_policy,
     snapshots_by_ids, zone_named,
@@ -485,19 +485,37 @@ def _report_club(args: argparse.Namespace, report: ClubReport, what: str) -> int
 
 def cmd_status(args: argparse.Namespace) -> int:
     repo = _open(args)
-    max_age = timedelta(seconds=configfile.seconds(args.max_age)) if args.max_age else None
-    status = repository_status(repo, _now(), max_age)
-    newest, verification = status.newest, status.verification
+    max_age, max_verify_age = _bound(args.max_age), _bound(args.max_verify_age)
+    select = _filter(args)
+    status = repository_status(repo, _now(), max_age, select, max_verify_age)
+    newest = status.newest
     size = sum(t["bytes"] for t in newest.record.get("tiers", {}).values()) if newest else 0
     data = {"repository": repo.backend.location, "snapshots": status.snapshots, "healthy": status.healthy,
             "problems": status.problems, "max_age_s": max_age.total_seconds() if max_age else None,
+            "max_verify_age_s": max_verify_age.total_seconds() if max_verify_age else None,
+            "filter": None if select is None else {"host": select.host, "source": select.source},
             "newest": None if newest is None else {
                 "id": newest.id.hex(), "time": newest.time.isoformat(), "age_s": round(status.age.total_seconds())
                 if status.age else 0, "size": size,
                 "partial": bool(newest.record.get("partial")),
                 "consistent": newest.record.get("verified", {}).get("consistent")},
-            "last_verify": verification}
-    lines = [f"repository: {repo.backend.location} ({status.snapshots} snapshot(s))"]
+            "last_verify": status.verification,
+            "last_verify_age_s": round(status.verify_age.total_seconds()) if status.verify_age else None}
+    _emit(args, data, _status_text(repo, status, size, select))
+    if not status.healthy:
+        raise errors.Unhealthy("; ".join(status.problems))
+    return 0
+
+
+def _bound(text: str | None) -> timedelta | None:
+    """A ``status`` bound (90s, 30m, 1h, 2d), or None when not given."""
+    return timedelta(seconds=configfile.seconds(text)) if text else None
+
+
+def _status_text(repo: Repository, status: Status, size: int, select: SnapshotFilter | None) -> str:
+    newest, verification = status.newest, status.verification
+    scope = f" {select.describe()}" if select else ""
+    lines = [f"repository: {repo.backend.location} ({status.snapshots} snapshot(s){scope})"]
     if newest is not None and status.age is not None:
         lines.append(f"newest snapshot: {newest.id.short()} at {newest.time.astimezone():%Y-%m-%d %H:%M:%S %Z} "
                      f"({span(status.age)} ago), {size / 1e6:,.1f} MB"
@@ -505,15 +523,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         lines.append("newest snapshot: none")
     if verification is not None:
-        lines.append(f"last verify: {verification.get('time')} of snapshot {str(verification.get('snapshot'))[:8]}: "
+        ago = f" ({span(status.verify_age)} ago)" if status.verify_age is not None else ""
+        lines.append(f"last verify: {verification.get('time')}{ago} of snapshot "
+                     f"{str(verification.get('snapshot'))[:8]}: "
                      f"{'consistent' if verification.get('ok') else 'INCONSISTENT'}")
     else:
         lines.append("last verify: never (run 'clubsnap verify latest')")
     lines.append("OK" if status.healthy else "UNHEALTHY: " + "; ".join(status.problems))
-    _emit(args, data, "\n".join(lines))
-    if not status.healthy:
-        raise errors.Unhealthy("; ".join(status.problems))
-    return 0
+    return "\n".join(lines)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -701,7 +718,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                                include_logs=include_logs)
 
     jobs = scheduler.Jobs(repo, options, _policy_from_args(args) or _config(args).retention,
-                          replace(_prune_options(args), progress=None), args.temp_dir)
+                          replace(_prune_options(args), progress=None), args.temp_dir,
+                          select=SnapshotFilter(host, display(os.fsencode(data_dir.absolute()))),
+                          metrics_file=_metrics_file(args))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -717,6 +736,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     scheduler.run(jobs, schedule, stop, log, _cache_root(args) / repo.config.repo_id)
     return 0
+
+
+def _metrics_file(args: argparse.Namespace) -> Path | None:
+    """``--metrics-file``, else the configuration file's ``metrics_file``; its directory
+    must exist now rather than every write failing later."""
+    given = args.metrics_file or _config(args).get("metrics_file")
+    if not given:
+        return None
+    path = Path(given).absolute()
+    if not path.parent.is_dir():
+        raise errors.UsageError(f"the metrics file's directory {path.parent} does not exist")
+    return path
 
 
 def _schedule(args: argparse.Namespace) -> scheduler.Schedule:
@@ -760,7 +791,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         # the same order as _read_password: the variable wins over the file's password_file
         rows["password_file"] = {"value": None, "from": "-"}
         rows["password"] = {"value": "*** (set)", "from": "$CLUBSNAP_PASSWORD"}
-    rows["data_dir"] = {"value": config.get("data_dir"), "from": str(config.path) if config.get("data_dir") else "-"}
+    for key in ("data_dir", "metrics_file"):
+        rows[key] = {"value": config.get(key), "from": str(config.path) if config.get(key) else "-"}
     rows["include_logs"] = {"value": bool(config.get("include_logs")),
                             "from": str(config.path) if config.get("include_logs") is not None else "default"}
     rows["retention"] = {"value": config.retention.policy.describe() if config.retention else None,
@@ -913,18 +945,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "is the backup healthy: the newest snapshot's age, the last verify's result")
     p.add_argument("--max-age", metavar="DURATION",
                    help="exit 22 when the newest snapshot is older than this (90s, 30m, 1h, 2d)")
+    p.add_argument("--max-verify-age", metavar="DURATION",
+                   help="exit 22 when the last verify ran longer ago than this, or never")
+    p.add_argument("--host", help="judge only the snapshots (and verifies) of this host")
+    p.add_argument("--path", help="judge only the snapshots (and verifies) of this data directory")
+    p.set_defaults(tag=None)  # the filter of `snapshots`, without --tag
     p = add("run", cmd_run, "take snapshots, forget and prune, and verify on a schedule, until SIGTERM: for a "
                             "container or a systemd service")
     p.add_argument("data_dir", nargs="?", help="club's DATA_DIR (default: data_dir of the configuration file)")
     p.add_argument("--every", help="snapshot interval (default: [schedule] snapshot_every, else 10m; 'off')")
     p.add_argument("--daily-at", help="local time (HH:MM) of a snapshot tagged daily (default: [schedule] daily_at)")
     p.add_argument("--prune-every", help="forget by the retention policy, then prune, this often (default 1d; 'off')")
-    p.add_argument("--verify-every", help="verify the newest snapshot this often (default 1d; 'off')")
+    p.add_argument("--verify-every", help="verify the newest snapshot of this host and data dir this often "
+                                          "(default 1d; 'off')")
     p.add_argument("--tag", action="append", help="tag every snapshot (repeatable)")
     p.add_argument("--host", help="host name recorded in the snapshots (default: this machine's)")
     p.add_argument("--include-logs", action="store_true", help="also snapshot logs/")
     p.add_argument("--temp-dir", help="where verify restores the snapshot (default: system temp)")
     p.add_argument("--log-json", action="store_true", help="one JSON object per line on stdout")
+    p.add_argument("--metrics-file", metavar="PATH",
+                   help="write Prometheus metrics there after every job, for node_exporter's textfile collector "
+                        "(default: metrics_file of the configuration file)")
     _add_policy_options(p)
     _add_prune_options(p)
     p = add("config", cmd_config, "show the settings in effect and where each comes from (secrets masked)")

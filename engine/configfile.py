@@ -10,6 +10,7 @@ override environment variables, which override the file::
     password_file = "/etc/clubsnap/password" # never the password itself
     cache_dir = "/var/cache/clubsnap"
     include_logs = false
+    metrics_file = "/var/lib/node_exporter/clubsnap.prom"  # `run` writes Prometheus metrics there
 
     [retention]                              # what `forget` keeps when given no --keep-* rule
     keep_last = 3
@@ -25,10 +26,13 @@ override environment variables, which override the file::
     snapshot_every = "10m"
     daily_at = "02:30"                       # local time of a snapshot tagged "daily"
     prune_every = "1d"                       # forget by [retention], then prune
-    verify_every = "1d"                      # verify the newest snapshot
+    verify_every = "1d"                      # verify the newest snapshot of this host and data_dir
 
 An unknown key is an error that names it: a misspelt ``keep_daly`` must not silently
-keep nothing.
+keep nothing. A relative path (``data_dir``, ``password_file``, ``cache_dir``,
+``metrics_file``, and ``repository`` unless it is a URL) is relative to the file's
+directory: the file says the same wherever a command runs from (cron's working
+directory is not the operator's).
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from .errors import UsageError
 from .forget import DEFAULT_GROUP_BY, StoredPolicy, check_group_by, zone_named
 from .retention import PERIODS, Duration, Policy
 
-TOP_LEVEL = {"data_dir": str, "repository": str, "password_file": str, "cache_dir": str, "include_logs": bool}
+TOP_LEVEL = {"data_dir": str, "repository": str, "password_file": str, "cache_dir": str, "include_logs": bool,
+             "metrics_file": str}
+PATHS = {"data_dir", "password_file", "cache_dir", "metrics_file", "repository"}  # relative to the file's directory
 MAX_SECONDS = 3650 * 86400.0
 SCHEDULE = {"snapshot_every", "daily_at", "prune_every", "verify_every"}
 RETENTION = {"keep_last", *(f"keep_{p}" for p in PERIODS), "keep_within", *(f"keep_within_{p}" for p in PERIODS),
@@ -96,7 +102,7 @@ def _read(path: Path) -> ConfigFile:
                              f"[schedule])")
         if not isinstance(value, expected):
             raise UsageError(f"{path}: {key} must be a {'boolean' if expected is bool else 'string'}")
-        values[key] = value
+        values[key] = _resolve(path, value) if key in PATHS and isinstance(value, str) else value
     retention = document.get("retention")
     if retention is not None and not isinstance(retention, dict):
         raise UsageError(f"{path}: retention must be a table ([retention])")
@@ -104,6 +110,20 @@ def _read(path: Path) -> ConfigFile:
     if not isinstance(schedule, dict) or set(schedule) - SCHEDULE or not all(isinstance(v, str) for v in schedule.values()):
         raise UsageError(f"{path}: [schedule] takes {', '.join(sorted(SCHEDULE))}, as strings (\"10m\", \"02:30\", \"off\")")
     return ConfigFile(path, values, _retention(path, retention) if retention else None, dict(schedule))
+
+
+def _resolve(path: Path, value: str) -> str:
+    """``value`` (``~`` expanded) made absolute against the directory holding the
+    configuration file at ``path``, that directory's symlinks resolved so ``..`` in the
+    value means what it says. A bucket URL is left alone; ``file://`` keeps its scheme;
+    "" stays unset."""
+    if not value or ("://" in value and not value.startswith("file://")):
+        return value
+    scheme = "file://" if value.startswith("file://") else ""
+    local = Path(value.removeprefix(scheme)).expanduser()
+    if local.is_absolute():
+        return scheme + str(local)
+    return scheme + os.path.normpath(Path(os.path.realpath(path.absolute().parent)) / local)
 
 
 def _retention(path: Path, table: dict[str, Any]) -> StoredPolicy:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .clubcheck import ClubReport, check_club
 from .errors import EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
 from .format import SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
-from .repository import Repository, SnapshotInfo
+from .repository import Repository, SnapshotFilter, SnapshotInfo
 from .restore import apply_restore, plan_restore
 
 KEEP_VERIFICATIONS = 30  # older verification records are deleted when a new one is written
@@ -49,8 +49,12 @@ def verify_snapshot(repo: Repository, snap: SnapshotInfo, temp_dir: str | None, 
 def record_verification(repo: Repository, snap: SnapshotInfo, report: ClubReport, now: datetime) -> str | None:
     """Store what a verify of ``snap`` found; returns the key, or None when the
     repository cannot be written (read-only credentials: the verify itself stands)."""
+    # The snapshot's host, source and tags travel with the record: ``status --host/--path``
+    # must find the last verify of its registry after retention has forgotten the snapshot.
     record = {"time": now.astimezone(timezone.utc).isoformat(), "host": socket.gethostname(),
-              "snapshot": snap.id.hex(), "snapshot_time": snap.time.isoformat(), "ok": report.ok,
+              "snapshot": snap.id.hex(), "snapshot_time": snap.time.isoformat(),
+              "snapshot_host": snap.record.get("host"), "snapshot_source": snap.record.get("source"),
+              "snapshot_tags": snap.tags, "ok": report.ok,
               "checked": dict(report.checked), "missing": len(report.missing), "database": len(report.database),
               "problems": (report.missing + report.database)[:MAX_LISTED]}
     data = seal_object(Kind.VERIFICATION, record, repo.cipher)
@@ -64,17 +68,34 @@ def record_verification(repo: Repository, snap: SnapshotInfo, report: ClubReport
     return key
 
 
-def latest_verification(repo: Repository) -> dict[str, Any] | None:
-    """The newest readable verification record (keys begin with the verify's time)."""
+def latest_verification(repo: Repository, select: SnapshotFilter | None = None,
+                        known: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+    """The newest readable verification record (keys begin with the verify's time) of a
+    snapshot ``select`` matches (see ``verified_matches``; ``known``: the hex ids of the
+    listed snapshots it matches)."""
     for key in sorted((k for k, _ in repo.backend.list(VERIFICATION_PREFIX)), reverse=True):
         try:
             data = repo.backend.get(key)
             record = dict(open_object(Kind.VERIFICATION, data, key, repo.cipher))
         except (ObjectNotFound, IntegrityError, UnsupportedFormat):
             continue  # deleted meanwhile, or damaged: the one before tells something
-        if key.rsplit("_", 1)[-1] == digest(data).hex():
+        if key.rsplit("_", 1)[-1] == digest(data).hex() and verified_matches(record, select, known):
             return record
     return None
+
+
+def verified_matches(record: dict[str, Any], select: SnapshotFilter | None, known: frozenset[str]) -> bool:
+    """Whether a verification record is of a snapshot ``select`` matches: judged by the
+    snapshot's host, source and tags it names (as ``SnapshotFilter.matches`` judges a
+    snapshot), not by the host that ran the verify, which may be another machine. A
+    record older than those fields matches when its snapshot is among ``known``."""
+    if select is None:
+        return True
+    if "snapshot_source" not in record:
+        return str(record.get("snapshot")) in known
+    return ((select.host is None or record.get("snapshot_host") == select.host)
+            and (select.source is None or record.get("snapshot_source") == select.source)
+            and set(select.tags) <= set(record.get("snapshot_tags") or ()))
 
 
 @dataclass
@@ -83,6 +104,7 @@ class Status:
     newest: SnapshotInfo | None
     age: timedelta | None
     verification: dict[str, Any] | None
+    verify_age: timedelta | None = None  # since the last verify ran
     problems: list[str] = field(default_factory=list)  # why the backup is not healthy
 
     @property
@@ -90,15 +112,31 @@ class Status:
         return not self.problems
 
 
-def repository_status(repo: Repository, now: datetime, max_age: timedelta | None = None) -> Status:
-    """The newest snapshot and the last verification, judged against ``max_age``."""
-    keys = repo.snapshot_keys()
-    newest = repo.load_snapshot(keys[-1][2]) if keys else None
-    age = now - newest.time if newest else None
-    status = Status(len(keys), newest, age, latest_verification(repo))
+def repository_status(repo: Repository, now: datetime, max_age: timedelta | None = None,
+                      select: SnapshotFilter | None = None, max_verify_age: timedelta | None = None) -> Status:
+    """The newest snapshot (of those ``select`` matches) and the last verification of
+    one, judged against ``max_age`` and ``max_verify_age``."""
+    if select is None:  # one LIST, no record read
+        keys = repo.snapshot_keys()
+        count, newest, known = len(keys), repo.load_snapshot(keys[-1][2]) if keys else None, frozenset[str]()
+    else:
+        matching = [snap for snap in repo.snapshots() if select.matches(snap)]
+        count, newest = len(matching), matching[-1] if matching else None
+        known = frozenset(snap.id.hex() for snap in matching)
+    verification = latest_verification(repo, select, known)
+    verified_at = _verified_at(verification)
+    status = Status(count, newest, now - newest.time if newest else None, verification,
+                    now - verified_at if verified_at else None)
+    _judge_snapshot(status, max_age, select)
+    _judge_verification(status, max_verify_age, select)
+    return status
+
+
+def _judge_snapshot(status: Status, max_age: timedelta | None, select: SnapshotFilter | None) -> None:
+    newest, age = status.newest, status.age
     if max_age is not None:
         if newest is None:
-            status.problems.append("there is no snapshot")
+            status.problems.append(f"there is no snapshot{_of(select)}")
         elif age is not None and age > max_age:
             status.problems.append(f"the newest snapshot is {span(age)} old (bound {span(max_age)})")
     if age is not None and age < -CLOCK_SKEW:
@@ -108,12 +146,36 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
         status.problems.append(f"the newest snapshot ({newest.id.short()}) is partial: some files were unreadable")
     if newest is not None and newest.record.get("verified", {}).get("consistent") is False:
         status.problems.append(f"the newest snapshot ({newest.id.short()}) lacks blobs club.db names")
+
+
+def _judge_verification(status: Status, max_verify_age: timedelta | None, select: SnapshotFilter | None) -> None:
     verification = status.verification
     if verification is not None and not verification.get("ok"):
         status.problems.append(f"the last verify (snapshot {str(verification.get('snapshot'))[:8]}, "
                                f"{verification.get('time')}) found {verification.get('missing', 0)} missing or "
                                f"wrong blob(s) and {verification.get('database', 0)} database problem(s)")
-    return status
+    if max_verify_age is None:
+        return
+    if verification is None:
+        status.problems.append(f"no verify of a snapshot{_of(select)} is recorded")
+    elif status.verify_age is None:
+        status.problems.append("the last verify record has no valid time")
+    elif status.verify_age > max_verify_age:
+        status.problems.append(f"the last verify ran {span(status.verify_age)} ago (bound {span(max_verify_age)})")
+
+
+def _of(select: SnapshotFilter | None) -> str:
+    """What ``select`` picks, for a message (' of host h of /data'), or nothing."""
+    described = select.describe() if select else ""
+    return f" {described}" if described else ""
+
+
+def _verified_at(record: dict[str, Any] | None) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(str(record.get("time"))) if record else None
+    except ValueError:
+        return None
+    return when if when is None or when.tzinfo is not None else None  # records are written in UTC
 
 
 def span(delta: timedelta) -> str:

@@ -25,6 +25,7 @@ pack still stored; a later prune finishes the work.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -56,6 +57,9 @@ class PruneOptions:
     dry_run: bool = False
     wait_s: float = 300.0      # how long to wait for running processes before sweeping
     progress: Callable[[str], None] | None = None
+    # Set, it ends the wait early, as if ``wait_s`` had passed: a long-lived process that
+    # is asked to stop (``clubsnap run`` on SIGTERM) must not sit out a wait of minutes.
+    stop: threading.Event | None = None
 
 
 @dataclass
@@ -494,12 +498,8 @@ class _Pruner:
         or hand the records on to the next prune with the list of those still running."""
         repo, report = self.repo, self.report
         waiting = self._running_processes()
-        deadline = time.monotonic() + self.options.wait_s
         try:
-            while waiting and time.monotonic() < deadline:
-                self.say(f"waiting for {len(waiting)} running snapshot(s)/restore(s) before deleting")
-                time.sleep(WAIT_POLL_S)
-                waiting &= self._running_processes()
+            waiting = self._wait_for(waiting)
         except KeyboardInterrupt:
             self._hand_on(names, waiting or self._running_processes())
             raise
@@ -540,6 +540,17 @@ class _Pruner:
             report.rescued_packs += len(rescue)
             self._delete_packs(doomed)
             repo.backend.delete(f"{GARBAGE_PREFIX}{name}")
+
+    def _wait_for(self, waiting: set[str]) -> set[str]:
+        """Wait until none of ``waiting`` runs, ``wait_s`` passes or ``stop`` is set;
+        returns those still running."""
+        stop = self.options.stop or threading.Event()  # never set: each pause is a full poll
+        deadline = time.monotonic() + self.options.wait_s
+        while waiting and time.monotonic() < deadline and not stop.is_set():
+            self.say(f"waiting for {len(waiting)} running snapshot(s)/restore(s) before deleting")
+            stop.wait(min(WAIT_POLL_S, max(deadline - time.monotonic(), 0.0)))
+            waiting &= self._running_processes()
+        return waiting
 
     def _hand_on(self, names: list[str], waiting: set[str]) -> None:
         """Write the records again with ``waiting_for``, for the next prune to sweep."""

@@ -4,7 +4,12 @@ For a container or a systemd service. Jobs run one at a time, so two never overl
 against the repository from this process, and a file lock in the local cache refuses a
 second ``run`` on this host. A failed job is logged and tried again at its next time;
 the scheduler itself keeps going. A stop request (SIGTERM) is honoured between jobs:
-the job running finishes first (a snapshot killed outright is safe too, format §7).
+the job running finishes first (a snapshot killed outright is safe too, format §7), and
+a prune waiting for other processes stops waiting and leaves its garbage to the next.
+
+When each job last ran is kept in ``run-state.json`` beside the lock: prune and verify
+are due one interval after their last run, so a service restarted more often than
+they run still runs them (counting from each start, restarts postponed them forever).
 
 The repository is opened once, so an encrypted one pays its key derivation once.
 """
@@ -12,23 +17,27 @@ The repository is opened once, so an encrypted one pays its key derivation once.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, time as clock_time, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, time as clock_time, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .backends.fs import fsync_dir
 from .errors import CheckFailed, EngineError, RepositoryLocked
 from .forget import StoredPolicy, load_policy, plan_forget, remove_snapshots
 from .health import verify_snapshot
+from .metrics import JOBS, RunMetrics
 from .prune import PruneOptions, prune
-from .repository import Repository
+from .repository import Repository, SnapshotFilter
 from .snapshot import SnapshotOptions, create_snapshot
 
 Log = Callable[[dict[str, Any]], None]
+STATE_FILE = "run-state.json"
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,9 @@ class Schedule:
     daily_at: clock_time | None = None     # local time of a snapshot tagged "daily"
     prune_every: float | None = 86400.0    # forget by the retention policy, then prune
     verify_every: float | None = 86400.0   # verify the newest snapshot
+
+    def every(self, job: str) -> float | None:
+        return {"snapshot": self.snapshot_every, "prune": self.prune_every, "verify": self.verify_every}[job]
 
     def describe(self) -> str:
         parts = [f"snapshot every {self.snapshot_every:g}s" if self.snapshot_every else "",
@@ -55,14 +67,72 @@ class Jobs:
     retention: StoredPolicy | None
     prune_options: PruneOptions
     temp_dir: str | None = None
+    # What verify takes the newest of: this host's snapshots of this data dir, not those
+    # another registry sharing the repository took last.
+    select: SnapshotFilter | None = None
+    metrics_file: Path | None = None  # Prometheus text file, replaced after every job
     now: Callable[[], datetime] = field(default=lambda: datetime.now().astimezone())
+
+
+@dataclass
+class Outcome:
+    """One run of a job: for the log, the state file and the metrics."""
+
+    name: str
+    started: datetime
+    duration_s: float
+    result: dict[str, Any] | None = None  # the job's figures, when it succeeded
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class RunState:
+    """When each job last ran, whether it succeeded and when one last did, in
+    ``run-state.json`` beside the run lock (which makes this process its only writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.problem: str | None = None  # why an existing file could not be read
+
+    @classmethod
+    def load(cls, path: Path) -> "RunState":
+        state = cls(path)
+        try:
+            document = json.loads(path.read_text())
+            state.jobs = {name: dict(document["jobs"][name]) for name in JOBS if name in document["jobs"]}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            state.problem = f"{path} is unreadable ({exc}): prune and verify wait one interval"
+        return state
+
+    def last(self, name: str, what: str = "last_run") -> datetime | None:
+        return _parse_time(self.jobs.get(name, {}).get(what))
+
+    def record(self, outcome: Outcome) -> None:
+        entry = self.jobs.setdefault(outcome.name, {})
+        entry.update(last_run=outcome.started.astimezone(timezone.utc).isoformat(), ok=outcome.ok,
+                     duration_s=round(outcome.duration_s, 3))
+        if outcome.ok:
+            ended = outcome.started + timedelta(seconds=outcome.duration_s)
+            entry["last_success"] = ended.astimezone(timezone.utc).isoformat()
+
+    def save(self) -> None:
+        _write_atomically(self.path, (json.dumps({"jobs": self.jobs}, indent=2) + "\n").encode())
 
 
 def run(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log, lock_dir: Path) -> int:
     """Run until ``stop`` is set; returns how many jobs failed."""
     lock = _exclusive(lock_dir / "run.lock")
     try:
-        return _loop(jobs, schedule, stop, log)
+        state = RunState.load(lock_dir / STATE_FILE)
+        if state.problem:
+            log({"event": "warning", "error": state.problem})
+        return _loop(jobs, schedule, stop, log, state)
     finally:
         os.close(lock)
 
@@ -78,29 +148,24 @@ def _exclusive(path: Path) -> int:
     return fd
 
 
-def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log) -> int:
-    start = time.monotonic()
-    due = {"snapshot": start if schedule.snapshot_every else None,
-           "prune": start + (schedule.prune_every or 0) if schedule.prune_every else None,
-           "verify": start + (schedule.verify_every or 0) if schedule.verify_every else None}
-    next_daily = _next_daily(jobs.now(), schedule.daily_at)
+def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log, state: RunState) -> int:
+    due = first_due(schedule, state, jobs.now(), time.monotonic())
+    next_daily = next_daily_at(jobs.now(), schedule.daily_at)
+    keeper = _Bookkeeper(jobs, state, log)
     failures = 0
     log({"event": "start", "schedule": schedule.describe()})
     while not stop.is_set():
         now = time.monotonic()
         if next_daily is not None and jobs.now() >= next_daily:
-            failures += not _job("snapshot", lambda: _snapshot(jobs, ["daily"]), log)
-            next_daily = _next_daily(jobs.now(), schedule.daily_at)
+            failures += not keeper.run("snapshot", lambda: _snapshot(jobs, ["daily"]))
+            next_daily = next_daily_at(jobs.now(), schedule.daily_at)
             continue
         ready = [name for name, when in due.items() if when is not None and when <= now]
         if ready:
             name = min(ready, key=lambda n: due[n] or 0)
-            action = {"snapshot": lambda: _snapshot(jobs, []), "prune": lambda: _forget_and_prune(jobs),
-                      "verify": lambda: _verify(jobs)}[name]
-            failures += not _job(name, action, log)
-            every = {"snapshot": schedule.snapshot_every, "prune": schedule.prune_every,
-                     "verify": schedule.verify_every}[name] or 0
-            due[name] = max((due[name] or now) + every, time.monotonic())  # no catch-up bursts
+            failures += not keeper.run(name, _action(jobs, name, stop))
+            # From when it was due, not when it ran, but never in the past: no catch-up bursts.
+            due[name] = max((due[name] or now) + (schedule.every(name) or 0), time.monotonic())
             continue
         waits = [when - now for when in due.values() if when is not None]
         if next_daily is not None:
@@ -110,17 +175,125 @@ def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log) -> in
     return failures
 
 
-def _job(name: str, action: Callable[[], dict[str, Any]], log: Log) -> bool:
-    started = time.monotonic()
+def first_due(schedule: Schedule, state: RunState, now: datetime, start: float) -> dict[str, float | None]:
+    """When each job is first due, on the monotonic clock of ``start``: a snapshot at
+    once; prune and verify one interval after their last run (at once if that has
+    passed), or one interval after ``start`` if they never ran. A last run dated ahead
+    of ``now`` (the clock was set back) delays them by one interval at most."""
+    due: dict[str, float | None] = {"snapshot": start if schedule.snapshot_every else None}
+    for name in ("prune", "verify"):
+        every, last = schedule.every(name), state.last(name)
+        if not every:
+            due[name] = None
+        elif last is None:
+            due[name] = start + every
+        else:
+            due[name] = start + min(max((last - now).total_seconds() + every, 0.0), every)
+    return due
+
+
+def _action(jobs: Jobs, name: str, stop: threading.Event) -> Callable[[], dict[str, Any]]:
+    actions: dict[str, Callable[[], dict[str, Any]]] = {
+        "snapshot": lambda: _snapshot(jobs, []), "prune": lambda: _forget_and_prune(jobs, stop),
+        "verify": lambda: _verify(jobs)}
+    return actions[name]
+
+
+def _job(name: str, action: Callable[[], dict[str, Any]], log: Log, now: Callable[[], datetime]) -> Outcome:
+    started, clock = now(), time.monotonic()
     try:
         result = action()
     except (EngineError, OSError, sqlite3.Error) as exc:  # the scheduler outlives any one job
+        outcome = Outcome(name, started, time.monotonic() - clock, error=exc)
         log({"event": name, "ok": False, "error": str(exc) or type(exc).__name__,
              "exit_code": exc.exit_code if isinstance(exc, EngineError) else 1,
-             "duration_s": round(time.monotonic() - started, 3)})
-        return False
-    log({"event": name, "ok": True, "duration_s": round(time.monotonic() - started, 3), **result})
-    return True
+             "duration_s": round(outcome.duration_s, 3)})
+        return outcome
+    outcome = Outcome(name, started, time.monotonic() - clock, result)
+    log({"event": name, "ok": True, "duration_s": round(outcome.duration_s, 3), **result})
+    return outcome
+
+
+class _Bookkeeper:
+    """After every job: the state file, and the metrics file when one is wanted. Failing
+    to write either is logged; the scheduler goes on (a full disk must not stop backups)."""
+
+    def __init__(self, jobs: Jobs, state: RunState, log: Log) -> None:
+        self.jobs, self.state, self.log = jobs, state, log
+        self.metrics = _metrics_from(state)
+
+    def run(self, name: str, action: Callable[[], dict[str, Any]]) -> bool:
+        outcome = _job(name, action, self.log, self.jobs.now)
+        self.state.record(outcome)
+        self._write(self.state.path, self.state.save)
+        if self.jobs.metrics_file is not None:
+            _count(self.metrics, outcome)
+            _repository_figures(self.jobs.repo, self.metrics)
+            path = self.jobs.metrics_file
+            self._write(path, lambda: _write_atomically(path, self.metrics.render().encode()))
+        return outcome.ok
+
+    def _write(self, path: Path, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as exc:
+            self.log({"event": "warning", "error": f"cannot write {path}: {exc.strerror or exc}"})
+
+
+def _metrics_from(state: RunState) -> RunMetrics:
+    """Metrics a restart does not reset: when each job last ran comes from the state."""
+    metrics = RunMetrics()
+    for name, values in metrics.jobs.items():
+        last_run, last_success = state.last(name), state.last(name, "last_success")
+        duration = state.jobs.get(name, {}).get("duration_s")
+        values.last_run = last_run.timestamp() if last_run else None
+        values.last_success = last_success.timestamp() if last_success else None
+        values.last_duration = float(duration) if isinstance(duration, (int, float)) else None
+    return metrics
+
+
+def _count(metrics: RunMetrics, outcome: Outcome) -> None:
+    metrics.jobs[outcome.name].ran(outcome.started.timestamp(), outcome.duration_s, outcome.ok)
+    result = outcome.result or {}
+    if outcome.name == "snapshot" and outcome.ok:
+        metrics.snapshot_bytes_added, metrics.snapshot_files = result["bytes_added"], result["files"]
+    if outcome.name == "verify" and (outcome.ok or isinstance(outcome.error, CheckFailed)):
+        metrics.verify_consistent = outcome.ok  # another failure (unreachable storage) checked nothing
+
+
+def _repository_figures(repo: Repository, metrics: RunMetrics) -> None:
+    """The snapshot count, from one LIST, and the stored bytes from the local catalog (no
+    request: it knows the packs as of this job's index sync and writes)."""
+    try:
+        metrics.repository_snapshots = len(repo.snapshot_keys())
+        metrics.repository_stored_bytes = repo.catalog.counts()["pack_bytes"]
+    except (EngineError, OSError, sqlite3.Error):
+        pass  # the figures of the job before stand; the job's own failure is logged
+
+
+def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` whole: a temporary file in the same directory, synced, renamed
+    over it, so a reader (node_exporter, the next start) never sees half a file, nor a
+    crash an empty one. ``mode`` is set exactly, whatever the umask."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        fsync_dir(path.parent)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _parse_time(text: Any) -> datetime | None:
+    try:
+        when = datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return when if when is None or when.tzinfo is not None else None
 
 
 def _snapshot(jobs: Jobs, tags: list[str]) -> dict[str, Any]:
@@ -130,19 +303,19 @@ def _snapshot(jobs: Jobs, tags: list[str]) -> dict[str, Any]:
             "errors": result.errors[:10]}
 
 
-def _forget_and_prune(jobs: Jobs) -> dict[str, Any]:
+def _forget_and_prune(jobs: Jobs, stop: threading.Event) -> dict[str, Any]:
     policy = jobs.retention or load_policy(jobs.repo)
     if policy is None:
         return {"skipped": "no retention policy (configuration file [retention], or 'clubsnap policy set')"}
     doomed = [snap for group in plan_forget(jobs.repo.snapshots(), policy) for snap in group.removed]
     remove_snapshots(jobs.repo, doomed)
-    report = prune(jobs.repo, jobs.prune_options)
+    report = prune(jobs.repo, replace(jobs.prune_options, stop=stop))  # SIGTERM ends its wait
     return {"forgotten": len(doomed), "packs_deleted": report.packs_deleted, "freed_bytes": report.freed_bytes,
             "pending_packs": report.pending_packs}
 
 
 def _verify(jobs: Jobs) -> dict[str, Any]:
-    snap = jobs.repo.find_snapshot("latest")
+    snap = jobs.repo.find_snapshot("latest", jobs.select)
     report = verify_snapshot(jobs.repo, snap, jobs.temp_dir, jobs.now())
     result = {"snapshot": snap.id.hex(), "consistent": report.ok, "missing": len(report.missing),
               "database": len(report.database)}
@@ -152,8 +325,21 @@ def _verify(jobs: Jobs) -> dict[str, Any]:
     return result
 
 
-def _next_daily(now: datetime, at: clock_time | None) -> datetime | None:
+def next_daily_at(now: datetime, at: clock_time | None) -> datetime | None:
+    """The next instant the local wall clock shows ``at``, by the system zone's rules for
+    that day (a naive local time's ``astimezone()``), not by today's UTC offset, which is
+    an hour off across a DST change."""
     if at is None:
         return None
-    candidate = now.replace(hour=at.hour, minute=at.minute, second=0, microsecond=0)
-    return candidate if candidate > now else candidate + timedelta(days=1)
+    today = now.astimezone().date()
+    candidate = _local(today, at)
+    return candidate if candidate > now else _local(today + timedelta(days=1), at)
+
+
+def _local(day: date, at: clock_time) -> datetime:
+    """``at`` on ``day`` in the system zone. A time the clock skips (02:30 when it jumps
+    from 02:00 to 03:00) is taken after the jump, at 03:30, so the daily snapshot still
+    happens; a time it shows twice (when it falls back) is the first."""
+    naive = datetime.combine(day, at)
+    earlier, later = sorted((naive.astimezone(), naive.replace(fold=1).astimezone()))
+    return earlier if earlier.replace(tzinfo=None) == naive else later

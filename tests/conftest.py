@@ -75,14 +75,14 @@ def reopen(repository: Repository, cache_dir: Path) -> Repository:
 def cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``python -m engine`` for real, with its own cache dir and the test's repo."""
 
-    def run(*args: str, repo: Path | None = None, timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, repo: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
         full_env = {**os.environ, "CLUBSNAP_CACHE_DIR": str(tmp_path / "cli-cache"), "PYTHONPATH": str(ROOT),
                     **(env or {})}
         if repo is not None:
             full_env["CLUBSNAP_REPO"] = str(repo)
         return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
-                              env=full_env, timeout=timeout, stdin=subprocess.DEVNULL)
+                              env=full_env, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
 
     return run
 

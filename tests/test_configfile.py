@@ -12,6 +12,7 @@ from typing import Callable
 import pytest
 
 from benchmarks.clubgen import generate
+from engine import configfile
 
 from .conftest import TEST_PASSWORD
 
@@ -91,3 +92,46 @@ def test_the_default_location_is_used(cli: Cli, tmp_path: Path) -> None:
     (home / "clubsnap" / "config.toml").write_text(f'repository = "{tmp_path / "repo"}"\n')
     assert cli("init", env={"XDG_CONFIG_HOME": str(home), "CLUBSNAP_REPO": ""}).returncode == 0
     assert (tmp_path / "repo" / "config").exists()
+
+
+def test_relative_paths_are_relative_to_the_config_file(cli: Cli, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    setup, elsewhere = tmp_path / "etc" / "clubsnap", tmp_path / "elsewhere"
+    setup.mkdir(parents=True)
+    elsewhere.mkdir()
+    generate(tmp_path / "data", "tiny", seed=6)
+    (setup / "password").write_text(TEST_PASSWORD + "\n")
+    config = setup / "config.toml"
+    config.write_text('data_dir = "../../data"\nrepository = "repo"\npassword_file = "password"\n'
+                      'cache_dir = "cache"\nmetrics_file = "metrics/clubsnap.prom"\n')
+    monkeypatch.delenv("CLUBSNAP_PASSWORD")
+    env = {"CLUBSNAP_CACHE_DIR": "", "CLUBSNAP_REPO": ""}
+    # From another working directory, with the file named relatively too.
+    shown = cli("--config", "../etc/clubsnap/config.toml", "config", "show", "--json", env=env, cwd=elsewhere)
+    settings = json.loads(shown.stdout)["settings"]
+    real = Path(os.path.realpath(setup))
+    assert settings["data_dir"]["value"] == str(real.parent.parent / "data")
+    assert settings["repository"]["value"] == str(real / "repo")
+    assert settings["password_file"]["value"] == str(real / "password")
+    assert settings["cache_dir"]["value"] == str(real / "cache")
+    assert settings["metrics_file"]["value"] == str(real / "metrics" / "clubsnap.prom")
+    assert cli("--config", str(config), "init", env=env, cwd=elsewhere).returncode == 0
+    made = cli("--config", str(config), "snapshot", env=env, cwd=elsewhere)
+    assert made.returncode == 0, made.stderr
+    assert (setup / "repo" / "config").is_file() and list((setup / "cache").iterdir())
+    assert not list(elsewhere.iterdir())
+
+
+@pytest.mark.parametrize("written, resolved", [
+    ("s3://club-backups/registry", "s3://club-backups/registry"),
+    ("gs://club-backups/registry", "gs://club-backups/registry"),
+    ("file://repo", "file://{dir}/repo"),
+    ("/srv/repo", "/srv/repo"),
+    ("~/repo", "{home}/repo"),
+    ("repo", "{dir}/repo"),
+])
+def test_only_local_repository_paths_are_resolved(tmp_path: Path, written: str, resolved: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'repository = "{written}"\n')
+    value = configfile.load(str(config), {}).get("repository")
+    assert value == resolved.format(dir=os.path.realpath(tmp_path), home=os.path.expanduser("~"))

@@ -4,22 +4,39 @@ refused, SIGTERM stops it cleanly, and `status --max-age` notices when it has st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import replace
+from datetime import datetime, time as clock_time, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from types import TracebackType
+from typing import Any, Callable, Iterator
+
+import pytest
 
 from benchmarks.clubgen import LiveWriter, generate
-from engine.errors import RepositoryLocked, Unhealthy
+from engine import PruneOptions, Repository, create_snapshot, prune
+from engine.errors import CheckFailed, RepositoryLocked, Unhealthy
+from engine.forget import remove_snapshots
+from engine.format import GARBAGE_PREFIX
+from engine.scheduler import Outcome, RunState, Schedule, first_due, next_daily_at
+from engine.snapshot import SnapshotOptions
 
-from .conftest import ROOT
+from .conftest import ROOT, Clock
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
+Events = list[dict[str, Any]]
 RUN_SECONDS = 60
+HANG_GUARD_S = 180  # turns a hang into a failure; no test waits on it when the code works
 
 
 def test_run_schedules_snapshots_retention_and_verify(cli: Cli, tmp_path: Path) -> None:
@@ -73,6 +90,291 @@ def test_a_job_failing_in_any_way_does_not_stop_the_scheduler() -> None:
                     sqlite3.OperationalError("database is locked")):
         def action(failure: Exception = failure) -> dict[str, object]:
             raise failure
-        assert scheduler._job("verify", action, logged.append) is False
+        assert scheduler._job("verify", action, logged.append, datetime.now().astimezone).ok is False
     assert [e["ok"] for e in logged] == [False, False, False]
     assert [e["exit_code"] for e in logged] == [13, 1, 1] and "database is locked" in str(logged[2]["error"])
+
+
+# ---- helpers: a `clubsnap run` read as it goes, another process holding a read lock -----------
+
+def _run_env(repo: Path, tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(tmp_path / "cli-cache"),
+            "PYTHONPATH": str(ROOT)}
+
+
+def _run_command(data: Path, tmp_path: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "engine", "run", str(data), "--log-json", "--temp-dir", str(tmp_path), *options]
+
+
+class _Running:
+    """A `clubsnap run --log-json` whose events are read as they come; killed on exit if
+    a test failed before stopping it."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, stdin=subprocess.DEVNULL)
+        self.events: Events = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self.changed:
+                self.events.append(json.loads(line))
+                self.changed.notify_all()
+
+    def wait_for(self, done: Callable[[Events], bool]) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: done(self.events), timeout=HANG_GUARD_S), self.events
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, then its exit code and stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=HANG_GUARD_S)
+        self.reader.join()
+        assert self.process.stderr is not None
+        return self.process.returncode, self.process.stderr.read()
+
+    def __enter__(self) -> "_Running":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _done(events: Events) -> set[str]:
+    return {str(e["event"]) for e in events if e.get("ok")}
+
+
+HOLD_READ_LOCK = """
+import os, sys
+from pathlib import Path
+from engine import Repository, open_backend
+repo = Repository.open(open_backend(sys.argv[1]), Path(sys.argv[2]), lambda: os.environ["CLUBSNAP_PASSWORD"].encode())
+with repo.lock("read"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def _read_lock_held(repo: Path, cache: Path) -> Iterator[None]:
+    """Another live process holds a read lock (as a long restore would) until the block ends."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_READ_LOCK, str(repo), str(cache)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=HANG_GUARD_S)
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.1)
+
+
+# ---- run state: prune and verify are due from their last run --------------------------------
+
+def test_prune_and_verify_are_due_one_interval_after_their_last_run(tmp_path: Path) -> None:
+    now = datetime(2026, 4, 9, 12, 0, tzinfo=timezone.utc)
+    schedule = Schedule(snapshot_every=600.0, prune_every=3600.0, verify_every=86400.0)
+    state = RunState(tmp_path / "run-state.json")
+    # Never ran: one interval after this start; the snapshot at once.
+    assert first_due(schedule, state, now, 1000.0) == {"snapshot": 1000.0, "prune": 4600.0, "verify": 87400.0}
+    state.record(Outcome("prune", now - timedelta(minutes=20), 5.0, {}))  # 40 minutes left
+    state.record(Outcome("verify", now - timedelta(days=3), 60.0, error=CheckFailed("inconsistent")))
+    state.save()
+    loaded = RunState.load(state.path)
+    assert loaded.problem is None and loaded.jobs["verify"]["ok"] is False
+    assert "last_success" not in loaded.jobs["verify"] and loaded.jobs["prune"]["ok"] is True
+    # Restarted: prune keeps its time, verify (overdue; a failed run counts as a run) runs at once.
+    assert first_due(schedule, loaded, now, 1000.0) == {"snapshot": 1000.0, "prune": 3400.0, "verify": 1000.0}
+    assert first_due(replace(schedule, prune_every=None), loaded, now, 0.0)["prune"] is None
+    # A last run dated ahead (the clock was set back) waits one interval, not longer.
+    assert first_due(schedule, loaded, now - timedelta(days=30), 0.0)["prune"] == 3600.0
+    state.path.write_text("{not json")
+    broken = RunState.load(state.path)
+    assert broken.problem and first_due(schedule, broken, now, 0.0)["verify"] == 86400.0
+
+
+# ---- --daily-at across DST changes --------------------------------------------------------------
+
+@pytest.fixture
+def berlin() -> Iterator[None]:
+    """The system zone is Europe/Berlin for the test (``astimezone()`` follows TZ)."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = "Europe/Berlin"
+    time.tzset()
+    yield
+    if saved is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+@pytest.mark.parametrize("now, at, expected", [
+    ("2026-03-28T12:00+01:00", "03:30", "2026-03-29T03:30+02:00"),     # clocks spring forward that night
+    ("2026-03-28T12:00+01:00", "02:30", "2026-03-29T03:30+02:00"),     # 02:30 does not exist: an hour later
+    ("2026-03-29T03:30:05+02:00", "02:30", "2026-03-30T02:30+02:00"),  # after it: summer time
+    ("2026-03-29T12:00+02:00", "01:15", "2026-03-30T01:15+02:00"),
+    ("2026-10-24T12:00+02:00", "03:30", "2026-10-25T03:30+01:00"),     # clocks fall back that night
+    ("2026-10-24T12:00+02:00", "02:30", "2026-10-25T02:30+02:00"),     # 02:30 happens twice: the first
+    ("2026-10-25T02:30:05+02:00", "02:30", "2026-10-26T02:30+01:00"),  # and only once
+    ("2026-10-25T01:00:00+00:00", "23:00", "2026-10-25T23:00+01:00"),  # a 25-hour day
+])
+def test_daily_at_follows_the_wall_clock_across_dst(berlin: None, now: str, at: str, expected: str) -> None:
+    upcoming = next_daily_at(datetime.fromisoformat(now), clock_time.fromisoformat(at))
+    assert upcoming == datetime.fromisoformat(expected), upcoming
+
+
+# ---- metrics, state and restarts of a real `clubsnap run` ---------------------------------------
+
+SAMPLE = re.compile(r'^(clubsnap_[a-z_]+)(\{job="(?:snapshot|prune|verify)"\})? (-?[0-9.e+]+)$')
+
+
+def _parse_metrics(text: str) -> dict[str, float]:
+    """Samples by name and labels; every line is a HELP, a TYPE before its samples, or a sample."""
+    samples: dict[str, float] = {}
+    typed: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            assert len(line.split(" ", 3)) == 4 and line.split(" ")[2].startswith("clubsnap_"), line
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("gauge", "counter") and name.endswith("_total") == (kind == "counter"), line
+            typed.add(name)
+        else:
+            match = SAMPLE.match(line)
+            assert match and match.group(1) in typed, line
+            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    return samples
+
+
+def test_run_writes_metrics_and_state_and_runs_overdue_jobs_after_a_restart(cli: Cli, tmp_path: Path) -> None:
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=13)
+    assert cli("init", repo=repo).returncode == 0
+    metrics = tmp_path / "textfile" / "clubsnap.prom"
+    metrics.parent.mkdir()
+    started = time.time()
+    with _Running(_run_command(data, tmp_path, "--every", "1s", "--prune-every", "2s", "--verify-every", "2s",
+                               "--keep-last", "2", "--wait", "0s", "--metrics-file", str(metrics)),
+                  _run_env(repo, tmp_path)) as running:
+        running.wait_for(lambda events: {"snapshot", "prune", "verify"} <= _done(events))
+        code, err = running.stop()
+    finished = time.time()
+    assert code == 0, err
+    values = _parse_metrics(metrics.read_text())
+    for job in ("snapshot", "prune", "verify"):
+        label = f'{{job="{job}"}}'
+        assert started <= values[f"clubsnap_job_last_run_timestamp_seconds{label}"] <= finished
+        assert values[f"clubsnap_job_last_run_timestamp_seconds{label}"] <= \
+            values[f"clubsnap_job_last_success_timestamp_seconds{label}"] <= finished
+        assert 0 <= values[f"clubsnap_job_last_duration_seconds{label}"] <= finished - started
+        assert values[f"clubsnap_job_failures_total{label}"] == 0
+    on_disk = sum(1 for f in data.rglob("*") if f.is_file())
+    assert 0 < values["clubsnap_snapshot_last_files"] <= on_disk and values["clubsnap_snapshot_last_bytes_added"] >= 0
+    assert values["clubsnap_verify_last_consistent"] == 1
+    assert values["clubsnap_repository_snapshots"] == len(json.loads(cli("snapshots", "--json", repo=repo).stdout))
+    assert values["clubsnap_repository_stored_bytes"] == sum(
+        f.stat().st_size for f in (repo / "data").rglob("*") if f.is_file())
+    assert stat.S_IMODE(metrics.stat().st_mode) == 0o644 and os.listdir(metrics.parent) == ["clubsnap.prom"]
+
+    state_file, = (tmp_path / "cli-cache").glob("*/run-state.json")
+    state = json.loads(state_file.read_text())["jobs"]
+    assert all(state[job]["ok"] for job in ("snapshot", "prune", "verify"))
+    assert started <= datetime.fromisoformat(state["verify"]["last_run"]).timestamp() <= finished
+    # Stopped for two hours, then restarted: prune and verify, due hourly, are overdue and
+    # run at once (counted from the start, they would wait an hour after every restart).
+    overdue = datetime.now(timezone.utc) - timedelta(hours=2)
+    for job in ("prune", "verify"):
+        state[job]["last_run"] = overdue.isoformat()
+    state_file.write_text(json.dumps({"jobs": state}))
+    with _Running(_run_command(data, tmp_path, "--every", "1h", "--prune-every", "1h", "--verify-every", "1h",
+                               "--keep-last", "2", "--wait", "0s"), _run_env(repo, tmp_path)) as running:
+        running.wait_for(lambda events: {"snapshot", "prune", "verify"} <= _done(events))
+        code, err = running.stop()
+    assert code == 0, err
+    again = json.loads(state_file.read_text())["jobs"]
+    assert all(datetime.fromisoformat(again[job]["last_run"]) > overdue + timedelta(hours=1)
+               for job in ("prune", "verify"))
+
+
+def test_run_verifies_the_newest_snapshot_of_its_own_registry(cli: Cli, tmp_path: Path) -> None:
+    ours, theirs, repo = tmp_path / "ours", tmp_path / "theirs", tmp_path / "repo"
+    generate(ours, "tiny", seed=16)
+    generate(theirs, "tiny", seed=17)
+    next((theirs / "blobs").rglob("package.tar.gz")).unlink()
+    assert cli("init", repo=repo).returncode == 0
+    ours_id = json.loads(cli("snapshot", str(ours), "--host", "reg-a", "--json", repo=repo).stdout)["id"]
+    # Newer, and inconsistent: of this host but another data dir, then of this dir but another host.
+    assert cli("snapshot", str(theirs), "--host", "reg-a", repo=repo).returncode == 0
+    next((ours / "blobs").rglob("package.tar.gz")).unlink()
+    assert cli("snapshot", str(ours), "--host", "reg-b", repo=repo).returncode == 0
+    with _Running(_run_command(ours, tmp_path, "--host", "reg-a", "--every", "off", "--prune-every", "off",
+                               "--verify-every", "1s"), _run_env(repo, tmp_path)) as running:
+        running.wait_for(lambda events: any(e["event"] == "verify" for e in events))
+        code, err = running.stop()
+    assert code == 0, err
+    verify = next(e for e in running.events if e["event"] == "verify")
+    assert verify["ok"] and verify["snapshot"] == ours_id and verify["consistent"]
+
+
+# ---- SIGTERM ends a prune's wait -----------------------------------------------------------------
+
+def test_a_prune_asked_to_stop_hands_its_garbage_on(repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    generate(tmp_path / "data", "tiny", seed=18)
+    first = create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=clock))
+    remove_snapshots(repo, [first.info])  # every pack is garbage now
+    stop, waiting = threading.Event(), threading.Event()
+    reports = []
+
+    def progress(text: str) -> None:
+        if text.startswith("waiting for"):
+            waiting.set()
+
+    options = PruneOptions(wait_s=3600.0, stop=stop, progress=progress)
+    with _read_lock_held(Path(repo.backend.location), tmp_path / "holder-cache"):
+        pruner = threading.Thread(target=lambda: reports.append(prune(repo, options)), daemon=True)
+        pruner.start()
+        assert waiting.wait(HANG_GUARD_S), "the prune never waited for the reader"
+        stop.set()  # as SIGTERM does in `clubsnap run`
+        pruner.join(HANG_GUARD_S)
+        assert not pruner.is_alive(), "the prune sat out its wait"
+    report = reports[0]
+    assert report.pending_packs > 0 and report.packs_deleted == 0 and len(report.waited_for) == 1
+    assert list(repo.backend.list(GARBAGE_PREFIX))
+    swept = prune(repo, PruneOptions(wait_s=0))  # the reader is gone: the next prune deletes them
+    assert swept.swept_earlier_packs == report.pending_packs and not list(repo.backend.list(GARBAGE_PREFIX))
+
+
+def test_sigterm_ends_a_prune_waiting_inside_run(cli: Cli, tmp_path: Path) -> None:
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=14)
+    assert cli("init", repo=repo).returncode == 0
+    assert cli("snapshot", str(data), repo=repo).returncode == 0
+    shutil.rmtree(data)
+    generate(data, "tiny", seed=15)  # another registry's content: the first snapshot's packs become garbage
+    with _read_lock_held(repo, tmp_path / "holder-cache"), \
+            _Running(_run_command(data, tmp_path, "--every", "1h", "--prune-every", "1s", "--verify-every", "off",
+                                  "--keep-last", "1", "--wait", "1h"), _run_env(repo, tmp_path)) as running:
+        _until(lambda: bool(list(repo.glob("garbage/*"))))  # condemned: the prune waits for the reader
+        code, err = running.stop()
+    assert code == 0, err
+    pruned = [e for e in running.events if e["event"] == "prune"]
+    assert len(pruned) == 1 and pruned[0]["ok"] and int(pruned[0]["pending_packs"]) > 0
+    assert running.events[-1]["event"] == "stop"
+    swept = json.loads(cli("prune", "--json", repo=repo).stdout)
+    assert swept["swept_earlier_packs"] == pruned[0]["pending_packs"] and not list(repo.glob("garbage/*"))
+    assert json.loads(cli("check", "--json", repo=repo).stdout)["ok"]

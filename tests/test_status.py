@@ -16,6 +16,7 @@ from engine.clubcheck import ClubReport
 from engine.errors import BackendError, Unhealthy
 from engine.format import VERIFICATION_PREFIX
 from engine.health import KEEP_VERIFICATIONS, record_verification, repository_status
+from engine.repository import SnapshotFilter
 
 from .conftest import Clock
 
@@ -105,3 +106,61 @@ def test_a_snapshot_dated_in_the_future_is_suspect(repo: Repository, tmp_path: P
     create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=lambda: ahead))
     status = repository_status(repo, datetime.now(timezone.utc), timedelta(hours=1))
     assert not status.healthy and "in the future" in status.problems[0]
+
+
+def test_status_judges_one_registry_of_a_shared_repository(cli: Cli, tmp_path: Path) -> None:
+    ours, theirs, repo = tmp_path / "ours", tmp_path / "theirs", tmp_path / "repo"
+    generate(ours, "tiny", seed=8)
+    generate(theirs, "tiny", seed=9)
+    assert cli("init", repo=repo).returncode == 0
+    ours_id = json.loads(cli("snapshot", str(ours), "--host", "reg-a", "--json", repo=repo).stdout)["id"]
+    assert cli("verify", "latest", "--host", "reg-a", repo=repo).returncode == 0
+    theirs_id = json.loads(cli("snapshot", str(theirs), "--host", "reg-b", "--json", repo=repo).stdout)["id"]
+
+    mine = cli("status", "--host", "reg-a", "--max-age", "1h", "--max-verify-age", "1h", "--json", repo=repo)
+    assert mine.returncode == 0, mine.stderr
+    report = json.loads(mine.stdout)
+    assert report["snapshots"] == 1 and report["newest"]["id"] == ours_id
+    assert report["last_verify"]["snapshot"] == ours_id and report["filter"] == {"host": "reg-a", "source": None}
+    # The other registry's newest snapshot was never verified; a relative --path means the same dir.
+    other = cli("status", "--path", "theirs", "--max-verify-age", "1h", "--json", repo=repo, cwd=tmp_path)
+    assert other.returncode == Unhealthy.exit_code
+    assert json.loads(other.stdout)["newest"]["id"] == theirs_id
+    assert f"no verify of a snapshot of {theirs} is recorded" in other.stderr
+    # Retention forgets the verified snapshot: its verify still counts for its registry.
+    assert cli("forget", ours_id, repo=repo).returncode == 0
+    forgotten = json.loads(cli("status", "--host", "reg-a", "--max-verify-age", "1h", "--json", repo=repo).stdout)
+    assert forgotten["snapshots"] == 0 and forgotten["last_verify"]["snapshot"] == ours_id and forgotten["healthy"]
+    assert cli("status", "--host", "reg-a", "--max-age", "1h", repo=repo).returncode == Unhealthy.exit_code
+
+
+def test_max_verify_age_bounds_the_last_verify(repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    from engine import SnapshotOptions, create_snapshot
+    generate(tmp_path / "data", "tiny", seed=10)
+    snap = create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=clock)).info
+    never = repository_status(repo, clock(), max_verify_age=timedelta(hours=1))
+    assert never.problems == ["no verify of a snapshot is recorded"]
+    record_verification(repo, snap, ClubReport(), clock())
+    clock.advance(hours=2)
+    assert repository_status(repo, clock(), max_verify_age=timedelta(hours=3)).healthy
+    stale = repository_status(repo, clock(), max_verify_age=timedelta(hours=1))
+    assert stale.verify_age == timedelta(hours=2) and stale.problems == ["the last verify ran 2h00m ago (bound 60m)"]
+    assert repository_status(repo, clock()).healthy  # no bound given: an old verify is no failure
+
+
+def test_a_verification_record_without_the_snapshot_fields_matches_by_id(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    """Records written before they named the snapshot's host and source are matched by
+    their snapshot id against the snapshots listed."""
+    from engine import SnapshotOptions, create_snapshot
+    from engine.format import SNAPSHOT_STAMP, Kind, digest, seal_object
+    generate(tmp_path / "data", "tiny", seed=11)
+    snap = create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=clock)).info
+    record = {"time": clock().isoformat(), "host": "verifier", "snapshot": snap.id.hex(),
+              "snapshot_time": snap.time.isoformat(), "ok": True, "checked": {}, "missing": 0, "database": 0,
+              "problems": []}
+    data = seal_object(Kind.VERIFICATION, record, repo.cipher)
+    repo.backend.put(f"{VERIFICATION_PREFIX}{clock().strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}", data)
+    found = repository_status(repo, clock(), select=SnapshotFilter(host="h")).verification
+    assert found is not None and found["snapshot"] == snap.id.hex()
+    assert repository_status(repo, clock(), select=SnapshotFilter(host="verifier")).verification is None
