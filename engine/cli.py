@@ -708,6 +708,9 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT."""
+    stop = threading.Event()  # first: a service stopped while it starts up still exits cleanly
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     data_dir, include_logs = _data_dir(args), _include_logs(args)
     schedule = _schedule(args)
     repo = _open(args)
@@ -721,9 +724,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                           replace(_prune_options(args), progress=None), args.temp_dir,
                           select=SnapshotFilter(host, display(os.fsencode(data_dir.absolute()))),
                           metrics_file=_metrics_file(args))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
 
     def log(event: dict[str, Any]) -> None:
         event = {"time": _now().isoformat(timespec="seconds"), **event}
