@@ -96,6 +96,10 @@ def service_took_a_snapshot() -> dict[str, Any]:
     return _wait_for_snapshot(shims.STATE / "clubsnap.service.log")
 
 
+def offsite_took_a_snapshot() -> dict[str, Any]:
+    return _wait_for_snapshot(shims.STATE / "clubsnap@offsite.service.log")
+
+
 def container_took_a_snapshot() -> dict[str, Any]:
     found = _wait_for_snapshot(shims.STATE / "docker-clubsnap.log")
     snap = _repository().find_snapshot(found["snapshot"])
@@ -190,21 +194,28 @@ def package_is_back() -> dict[str, Any]:
 def failed_upgrade() -> dict[str, Any]:
     """The new club boots once (migrating the database to schema 4), then the operator
     goes back to the old club, which supports schema 3."""
-    shims.systemctl(["stop", "club"])
+    _require(shims.running("club.service") is None, "club runs: the runbook stops it before the upgrade")
+    _save("pre-upgrade", club_state(DATA, live=False))
     _require(club.boot(DATA / "db" / "club.db", supports=4) == 4, "the new club did not migrate")
     shims.STATE.mkdir(parents=True, exist_ok=True)
     (shims.STATE / "club-supports").write_text("3")
     return {"schema": 4}
 
 
+def restored_pre_upgrade() -> dict[str, Any]:
+    _require(club_state(DATA, live=False) == _saved("pre-upgrade"), "the data dir is not as before the upgrade")
+    return {"state": "pre-upgrade"}
+
+
 def rolled_back() -> dict[str, Any]:
+    """club runs again, on the old schema."""
     conn = sqlite3.connect(f"file:{DATA / 'db' / 'club.db'}?mode=ro", uri=True)
     try:
         version = club.schema_version(conn)
     finally:
         conn.close()
     _require(version == 3, f"schema {version} after the rollback")
-    _require(shims._pid("club.service") is not None, "club is not running after the rollback")
+    _require(shims.running("club.service") is not None, "club is not running after the rollback")
     return {"schema": version}
 
 
@@ -217,6 +228,8 @@ HOOKS: dict[str, Callable[[], dict[str, Any]]] = {
     "lose-a-package": lose_a_package,
     "package-is-back": package_is_back,
     "failed-upgrade": failed_upgrade,
+    "restored-pre-upgrade": restored_pre_upgrade,
+    "offsite-took-a-snapshot": offsite_took_a_snapshot,
     "rolled-back": rolled_back,
 }
 
