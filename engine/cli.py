@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
-import threading
 import ctypes
 import ctypes.util
 import json
 import os
+import shlex
+import signal
 import socket
 import sqlite3
 import sys
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -496,11 +497,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             "filter": None if select is None else {"host": select.host, "source": select.source},
             "newest": None if newest is None else {
                 "id": newest.id.hex(), "time": newest.time.isoformat(), "age_s": round(status.age.total_seconds())
-                if status.age else 0, "size": size,
+                if status.age is not None else None, "size": size,
                 "partial": bool(newest.record.get("partial")),
                 "consistent": newest.record.get("verified", {}).get("consistent")},
             "last_verify": status.verification,
-            "last_verify_age_s": round(status.verify_age.total_seconds()) if status.verify_age else None}
+            "last_verify_age_s": round(status.verify_age.total_seconds()) if status.verify_age is not None else None}
     _emit(args, data, _status_text(repo, status, size, select))
     if not status.healthy:
         raise errors.Unhealthy("; ".join(status.problems))
@@ -528,9 +529,19 @@ def _status_text(repo: Repository, status: Status, size: int, select: SnapshotFi
                      f"{str(verification.get('snapshot'))[:8]}: "
                      f"{'consistent' if verification.get('ok') else 'INCONSISTENT'}")
     else:
-        lines.append("last verify: never (run 'clubsnap verify latest')")
+        lines.append(f"last verify: never (run 'clubsnap verify latest{_filter_options(select)}')")
     lines.append("OK" if status.healthy else "UNHEALTHY: " + "; ".join(status.problems))
     return "\n".join(lines)
+
+
+def _filter_options(select: SnapshotFilter | None) -> str:
+    """The options that select what ``select`` does, for a command to suggest."""
+    if select is None:
+        return ""
+    words = (["--host", select.host] if select.host else []) + (["--path", select.source] if select.source else [])
+    for tag in select.tags:
+        words += ["--tag", tag]
+    return "".join(f" {shlex.quote(word)}" for word in words)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -706,11 +717,35 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StoppedStarting(Exception):
+    """SIGTERM or SIGINT while ``run`` starts up (a password prompt, a slow first sync)."""
+
+
+def _stop_starting(signum: int, frame: object) -> None:
+    raise _StoppedStarting(signal.Signals(signum).name)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT."""
-    stop = threading.Event()  # first: a service stopped while it starts up still exits cleanly
+    """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT.
+
+    While it starts up a stop request interrupts whatever it waits on (a password prompt
+    would otherwise swallow Ctrl-C); once the scheduler runs, a stop request only sets
+    ``stop``, so the job running finishes first."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_starting)
+    try:
+        jobs, schedule, lock_dir, log = _prepare_run(args)
+    except _StoppedStarting as exc:
+        print(f"clubsnap: stopped by {exc} while starting", file=sys.stderr)
+        return 0
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    scheduler.run(jobs, schedule, stop, log, lock_dir)
+    return 0
+
+
+def _prepare_run(args: argparse.Namespace) -> tuple[scheduler.Jobs, scheduler.Schedule, Path, scheduler.Log]:
     data_dir, include_logs = _data_dir(args), _include_logs(args)
     schedule = _schedule(args)
     repo = _open(args)
@@ -728,14 +763,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     def log(event: dict[str, Any]) -> None:
         event = {"time": _now().isoformat(timespec="seconds"), **event}
         if args.log_json:
-            print(json.dumps(event, default=str), flush=True)
+            line = json.dumps(event, default=str)
         else:
             details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "ok"))
             state = "" if "ok" not in event else " ok" if event["ok"] else " FAILED"
-            print(f"{event['time']} {event['event']}{state} {details}".rstrip(), flush=True)
+            line = f"{event['time']} {event['event']}{state} {details}".rstrip()
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:  # the reader is gone for good: backups go on unlogged
+            _discard_stdout()
+        except OSError:
+            pass  # a full disk under a redirected log: this line is lost, backups go on
 
-    scheduler.run(jobs, schedule, stop, log, _cache_root(args) / repo.config.repo_id)
-    return 0
+    return jobs, schedule, _cache_root(args) / repo.config.repo_id, log
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so neither later output nor the flush at exit fails."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _metrics_file(args: argparse.Namespace) -> Path | None:
@@ -1010,7 +1057,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("clubsnap: interrupted", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `clubsnap snapshots | head`: the reader has what it wanted
+        _discard_stdout()
+        return errors.EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ keeps its traceback.
                                         last verify failed
 
 A snapshot that completed but skipped unreadable files is not an exception: it is a
-result with ``partial=True``, which the CLI reports with exit code 3.
+result with ``partial=True``, which the CLI reports with exit code 3. Ctrl-C exits 130,
+and output cut off by its reader (``clubsnap snapshots | head``) 141, as a shell would.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from __future__ import annotations
 import errno
 
 EXIT_PARTIAL = 3
+EXIT_INTERRUPTED = 130   # 128 + SIGINT
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE
 
 
 class EngineError(Exception):

@@ -14,18 +14,23 @@ import socket
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
+import msgpack
 
 from .clubcheck import ClubReport, check_club
 from .errors import EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
 from .format import SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
 from .repository import Repository, SnapshotFilter, SnapshotInfo
 from .restore import apply_restore, plan_restore
+from .timespec import recorded_time
 
-KEEP_VERIFICATIONS = 30  # older verification records are deleted when a new one is written
+KEEP_VERIFICATIONS = 30  # per registry: older records of its snapshots go when a new one is written
 MAX_LISTED = 20
+# What a restore of a snapshot meets when the repository cannot give it back, whoever tries:
+# a verdict on the backup, unlike an unreachable bucket or a full scratch disk.
+DAMAGE = (IntegrityError, ObjectNotFound, UnsupportedFormat)
 CLOCK_SKEW = timedelta(minutes=5)  # a snapshot dated further ahead than this is suspect
 
 
@@ -38,8 +43,9 @@ def verify_snapshot(repo: Repository, snap: SnapshotInfo, temp_dir: str | None, 
             plan = plan_restore(repo, snap, Path(scratch) / "data")
             apply_restore(repo, plan, allow_in_use=True, set_owner=False)
             report = check_club(Path(scratch) / "data")
-    except EngineError as exc:
+    except DAMAGE as exc:
         # A snapshot that does not even restore is the worst verify result: recorded too.
+        # Not so a full scratch disk or unreachable storage: they say nothing of the backup.
         record_verification(repo, snap, ClubReport(database=[f"restore failed: {exc}"]), now)
         raise
     record_verification(repo, snap, report, now)
@@ -58,14 +64,31 @@ def record_verification(repo: Repository, snap: SnapshotInfo, report: ClubReport
               "checked": dict(report.checked), "missing": len(report.missing), "database": len(report.database),
               "problems": (report.missing + report.database)[:MAX_LISTED]}
     data = seal_object(Kind.VERIFICATION, record, repo.cipher)
-    key = f"{VERIFICATION_PREFIX}{now.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}"
+    group = registry_group(repo, record["snapshot_host"], record["snapshot_source"])
+    key = f"{VERIFICATION_PREFIX}{now.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)}_{group}_{digest(data).hex()}"
     try:
         repo.backend.put(key, data)
-        for old in sorted(k for k, _ in repo.backend.list(VERIFICATION_PREFIX))[:-KEEP_VERIFICATIONS]:
+        same_group = [k for k, _ in repo.backend.list(VERIFICATION_PREFIX) if _group_of(k) == group]
+        for old in sorted(same_group)[:-KEEP_VERIFICATIONS]:
             repo.backend.delete(old)
     except EngineError:
         return None
     return key
+
+
+def registry_group(repo: Repository, host: Any, source: Any) -> str:
+    """The key part that names whose snapshots a record verified (format §6.13), so
+    retention keeps the newest records of each registry sharing a repository without
+    reading any: a short hash of the snapshot's host and source, keyed in an encrypted
+    repository (a plain hash would let anyone with the bucket confirm a guessed host)."""
+    return repo.cipher.chunk_id(msgpack.packb([str(host), str(source)], use_bin_type=True))[:8].hex()
+
+
+def _group_of(key: str) -> str:
+    """A key's registry group; '' for keys of earlier versions (time and id only), which
+    then share one group of their own."""
+    parts = key[len(VERIFICATION_PREFIX):].split("_")
+    return parts[1] if len(parts) == 3 else ""
 
 
 def latest_verification(repo: Repository, select: SnapshotFilter | None = None,
@@ -124,9 +147,9 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
         count, newest = len(matching), matching[-1] if matching else None
         known = frozenset(snap.id.hex() for snap in matching)
     verification = latest_verification(repo, select, known)
-    verified_at = _verified_at(verification)
+    verified_at = recorded_time(verification.get("time")) if verification else None
     status = Status(count, newest, now - newest.time if newest else None, verification,
-                    now - verified_at if verified_at else None)
+                    now - verified_at if verified_at is not None else None)
     _judge_snapshot(status, max_age, select)
     _judge_verification(status, max_verify_age, select)
     return status
@@ -168,14 +191,6 @@ def _of(select: SnapshotFilter | None) -> str:
     """What ``select`` picks, for a message (' of host h of /data'), or nothing."""
     described = select.describe() if select else ""
     return f" {described}" if described else ""
-
-
-def _verified_at(record: dict[str, Any] | None) -> datetime | None:
-    try:
-        when = datetime.fromisoformat(str(record.get("time"))) if record else None
-    except ValueError:
-        return None
-    return when if when is None or when.tzinfo is not None else None  # records are written in UTC
 
 
 def span(delta: timedelta) -> str:

@@ -9,7 +9,8 @@ a prune waiting for other processes stops waiting and leaves its garbage to the 
 
 When each job last ran is kept in ``run-state.json`` beside the lock: prune and verify
 are due one interval after their last run, so a service restarted more often than
-they run still runs them (counting from each start, restarts postponed them forever).
+they run still runs them (counting from each start, restarts postponed them forever),
+and a daily snapshot whose time passed while it was down is taken at start.
 
 The repository is opened once, so an encrypted one pays its key derivation once.
 """
@@ -20,6 +21,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -30,14 +32,16 @@ from typing import Any, Callable
 from .backends.fs import fsync_dir
 from .errors import CheckFailed, EngineError, RepositoryLocked
 from .forget import StoredPolicy, load_policy, plan_forget, remove_snapshots
-from .health import verify_snapshot
-from .metrics import JOBS, RunMetrics
+from .health import DAMAGE, verify_snapshot
+from .metrics import RunMetrics
 from .prune import PruneOptions, prune
 from .repository import Repository, SnapshotFilter
 from .snapshot import SnapshotOptions, create_snapshot
+from .timespec import recorded_time
 
 Log = Callable[[dict[str, Any]], None]
 STATE_FILE = "run-state.json"
+JOBS = ("snapshot", "daily", "prune", "verify")  # "daily": the snapshot tagged daily
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,8 @@ class Jobs:
     retention: StoredPolicy | None
     prune_options: PruneOptions
     temp_dir: str | None = None
-    # What verify takes the newest of: this host's snapshots of this data dir, not those
-    # another registry sharing the repository took last.
+    # Whose snapshots verify and forget act on: this host's of this data dir, not those
+    # of another registry sharing the repository.
     select: SnapshotFilter | None = None
     metrics_file: Path | None = None  # Prometheus text file, replaced after every job
     now: Callable[[], datetime] = field(default=lambda: datetime.now().astimezone())
@@ -111,7 +115,7 @@ class RunState:
         return state
 
     def last(self, name: str, what: str = "last_run") -> datetime | None:
-        return _parse_time(self.jobs.get(name, {}).get(what))
+        return recorded_time(self.jobs.get(name, {}).get(what))
 
     def record(self, outcome: Outcome) -> None:
         entry = self.jobs.setdefault(outcome.name, {})
@@ -150,14 +154,14 @@ def _exclusive(path: Path) -> int:
 
 def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log, state: RunState) -> int:
     due = first_due(schedule, state, jobs.now(), time.monotonic())
-    next_daily = next_daily_at(jobs.now(), schedule.daily_at)
+    next_daily = first_daily(schedule.daily_at, state.last("daily"), jobs.now())
     keeper = _Bookkeeper(jobs, state, log)
     failures = 0
     log({"event": "start", "schedule": schedule.describe()})
     while not stop.is_set():
         now = time.monotonic()
         if next_daily is not None and jobs.now() >= next_daily:
-            failures += not keeper.run("snapshot", lambda: _snapshot(jobs, ["daily"]))
+            failures += not keeper.run("daily", lambda: _snapshot(jobs, ["daily"]))
             next_daily = next_daily_at(jobs.now(), schedule.daily_at)
             continue
         ready = [name for name, when in due.items() if when is not None and when <= now]
@@ -192,6 +196,19 @@ def first_due(schedule: Schedule, state: RunState, now: datetime, start: float) 
     return due
 
 
+def first_daily(at: clock_time | None, last: datetime | None, now: datetime) -> datetime | None:
+    """When the daily snapshot is first due: now, if its time passed since the last one
+    (``run`` was down across it: a service restarted, a host rebooted at night), else at
+    its next time. Never at once when none was ever taken: a first start is no catch-up."""
+    if at is None:
+        return None
+    today = now.astimezone().date()
+    passed = _local(today, at)
+    if passed > now:
+        passed = _local(today - timedelta(days=1), at)
+    return now if last is not None and last < passed else next_daily_at(now, at)
+
+
 def _action(jobs: Jobs, name: str, stop: threading.Event) -> Callable[[], dict[str, Any]]:
     actions: dict[str, Callable[[], dict[str, Any]]] = {
         "snapshot": lambda: _snapshot(jobs, []), "prune": lambda: _forget_and_prune(jobs, stop),
@@ -220,7 +237,7 @@ class _Bookkeeper:
 
     def __init__(self, jobs: Jobs, state: RunState, log: Log) -> None:
         self.jobs, self.state, self.log = jobs, state, log
-        self.metrics = _metrics_from(state)
+        self.metrics = _metrics_from(state, jobs.repo.backend.location)
 
     def run(self, name: str, action: Callable[[], dict[str, Any]]) -> bool:
         outcome = _job(name, action, self.log, self.jobs.now)
@@ -237,12 +254,12 @@ class _Bookkeeper:
         try:
             write()
         except OSError as exc:
-            self.log({"event": "warning", "error": f"cannot write {path}: {exc.strerror or exc}"})
+            self.log({"event": "warning", "error": f"{path}: {exc.strerror or exc}"})
 
 
-def _metrics_from(state: RunState) -> RunMetrics:
+def _metrics_from(state: RunState, repository: str) -> RunMetrics:
     """Metrics a restart does not reset: when each job last ran comes from the state."""
-    metrics = RunMetrics()
+    metrics = RunMetrics.for_jobs(repository, JOBS)
     for name, values in metrics.jobs.items():
         last_run, last_success = state.last(name), state.last(name, "last_success")
         duration = state.jobs.get(name, {}).get("duration_s")
@@ -255,8 +272,9 @@ def _metrics_from(state: RunState) -> RunMetrics:
 def _count(metrics: RunMetrics, outcome: Outcome) -> None:
     metrics.jobs[outcome.name].ran(outcome.started.timestamp(), outcome.duration_s, outcome.ok)
     result = outcome.result or {}
-    if outcome.name == "snapshot" and outcome.ok:
+    if outcome.name in ("snapshot", "daily") and outcome.ok:
         metrics.snapshot_bytes_added, metrics.snapshot_files = result["bytes_added"], result["files"]
+        metrics.snapshot_partial = result["partial"]
     if outcome.name == "verify" and (outcome.ok or isinstance(outcome.error, CheckFailed)):
         metrics.verify_consistent = outcome.ok  # another failure (unreachable storage) checked nothing
 
@@ -274,26 +292,22 @@ def _repository_figures(repo: Repository, metrics: RunMetrics) -> None:
 def _write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace ``path`` whole: a temporary file in the same directory, synced, renamed
     over it, so a reader (node_exporter, the next start) never sees half a file, nor a
-    crash an empty one. ``mode`` is set exactly, whatever the umask."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    crash an empty one. ``mode`` is set exactly, whatever the umask. The temporary name is
+    unpredictable and created exclusively: the metrics directory may be shared."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(temp, "wb") as handle:
+        with open(fd, "wb") as handle:
             os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-        fsync_dir(path.parent)
     finally:
-        temp.unlink(missing_ok=True)
-
-
-def _parse_time(text: Any) -> datetime | None:
+        Path(temp).unlink(missing_ok=True)
     try:
-        when = datetime.fromisoformat(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
-    return when if when is None or when.tzinfo is not None else None
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"written, but its directory could not be synced ({exc.strerror or exc})") from exc
 
 
 def _snapshot(jobs: Jobs, tags: list[str]) -> dict[str, Any]:
@@ -307,7 +321,9 @@ def _forget_and_prune(jobs: Jobs, stop: threading.Event) -> dict[str, Any]:
     policy = jobs.retention or load_policy(jobs.repo)
     if policy is None:
         return {"skipped": "no retention policy (configuration file [retention], or 'clubsnap policy set')"}
-    doomed = [snap for group in plan_forget(jobs.repo.snapshots(), policy) for snap in group.removed]
+    # Only its own registry's snapshots: another host's are its own run's to thin, by its policy.
+    own = [snap for snap in jobs.repo.snapshots() if jobs.select is None or jobs.select.matches(snap)]
+    doomed = [snap for group in plan_forget(own, policy) for snap in group.removed]
     remove_snapshots(jobs.repo, doomed)
     report = prune(jobs.repo, replace(jobs.prune_options, stop=stop))  # SIGTERM ends its wait
     return {"forgotten": len(doomed), "packs_deleted": report.packs_deleted, "freed_bytes": report.freed_bytes,
@@ -316,7 +332,10 @@ def _forget_and_prune(jobs: Jobs, stop: threading.Event) -> dict[str, Any]:
 
 def _verify(jobs: Jobs) -> dict[str, Any]:
     snap = jobs.repo.find_snapshot("latest", jobs.select)
-    report = verify_snapshot(jobs.repo, snap, jobs.temp_dir, jobs.now())
+    try:
+        report = verify_snapshot(jobs.repo, snap, jobs.temp_dir, jobs.now())
+    except DAMAGE as exc:  # recorded as a failed verify: the metrics must say so too
+        raise CheckFailed(f"snapshot {snap.id.short()} does not restore: {exc}") from exc
     result = {"snapshot": snap.id.hex(), "consistent": report.ok, "missing": len(report.missing),
               "database": len(report.database)}
     if not report.ok:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, time, timedelta
+from typing import Any
 
 from .errors import UsageError
 
@@ -51,3 +52,14 @@ def _parse_absolute(text: str) -> datetime:
     except (ValueError, OverflowError) as exc:
         raise UsageError(f"cannot read time {text!r}: use ISO 8601 (2026-04-09, "
                          f"2026-04-09T14:00, 2026-04-09T14:00+02:00) or '2h ago'") from exc
+
+
+def recorded_time(value: Any) -> datetime | None:
+    """A time a record or state file stored (ISO 8601 with an offset), or None when it is
+    absent, malformed or naive: such files outlive the code that wrote them, and a wrong
+    time must read as "unknown", never as an error that stops a status or a scheduler."""
+    try:
+        when = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return when if when is None or when.tzinfo is not None else None

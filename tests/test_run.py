@@ -240,11 +240,13 @@ def test_daily_at_follows_the_wall_clock_across_dst(berlin: None, now: str, at: 
 
 # ---- metrics, state and restarts of a real `clubsnap run` ---------------------------------------
 
-SAMPLE = re.compile(r'^(clubsnap_[a-z_]+)(\{job="(?:snapshot|prune|verify)"\})? (-?[0-9.e+]+)$')
+SAMPLE = re.compile(r'^(clubsnap_[a-z_]+)\{((?:[a-z_]+="(?:[^"\\]|\\.)*",?)+)\} (-?[0-9.e+]+)$')
+LABEL = re.compile(r'([a-z_]+)="((?:[^"\\]|\\.)*)"')
 
 
-def _parse_metrics(text: str) -> dict[str, float]:
-    """Samples by name and labels; every line is a HELP, a TYPE before its samples, or a sample."""
+def _parse_metrics(text: str, repository: str) -> dict[str, float]:
+    """Samples by name and ``job`` label; every line is a HELP, a TYPE before its
+    samples, or a sample labelled with ``repository`` (and a job of ``run``'s)."""
     samples: dict[str, float] = {}
     typed: set[str] = set()
     for line in text.splitlines():
@@ -257,7 +259,11 @@ def _parse_metrics(text: str) -> dict[str, float]:
         else:
             match = SAMPLE.match(line)
             assert match and match.group(1) in typed, line
-            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+            labels = dict(LABEL.findall(match.group(2)))
+            assert labels.pop("repository") == repository and set(labels) <= {"job"}, line
+            assert labels.get("job") in (None, "snapshot", "daily", "prune", "verify"), line
+            job = f'{{job="{labels["job"]}"}}' if labels else ""
+            samples[match.group(1) + job] = float(match.group(3))
     return samples
 
 
@@ -275,7 +281,7 @@ def test_run_writes_metrics_and_state_and_runs_overdue_jobs_after_a_restart(cli:
         code, err = running.stop()
     finished = time.time()
     assert code == 0, err
-    values = _parse_metrics(metrics.read_text())
+    values = _parse_metrics(metrics.read_text(), str(repo))
     for job in ("snapshot", "prune", "verify"):
         label = f'{{job="{job}"}}'
         assert started <= values[f"clubsnap_job_last_run_timestamp_seconds{label}"] <= finished
@@ -285,6 +291,7 @@ def test_run_writes_metrics_and_state_and_runs_overdue_jobs_after_a_restart(cli:
         assert values[f"clubsnap_job_failures_total{label}"] == 0
     on_disk = sum(1 for f in data.rglob("*") if f.is_file())
     assert 0 < values["clubsnap_snapshot_last_files"] <= on_disk and values["clubsnap_snapshot_last_bytes_added"] >= 0
+    assert values["clubsnap_snapshot_last_partial"] == 0
     assert values["clubsnap_verify_last_consistent"] == 1
     assert values["clubsnap_repository_snapshots"] == len(json.loads(cli("snapshots", "--json", repo=repo).stdout))
     assert values["clubsnap_repository_stored_bytes"] == sum(
@@ -378,3 +385,152 @@ def test_sigterm_ends_a_prune_waiting_inside_run(cli: Cli, tmp_path: Path) -> No
     swept = json.loads(cli("prune", "--json", repo=repo).stdout)
     assert swept["swept_earlier_packs"] == pruned[0]["pending_packs"] and not list(repo.glob("garbage/*"))
     assert json.loads(cli("check", "--json", repo=repo).stdout)["ok"]
+
+
+# ---- the daily snapshot after downtime -----------------------------------------------------------
+
+@pytest.mark.parametrize("now, last, expected", [
+    ("2026-04-09T09:00+02:00", "2026-04-08T02:30+02:00", "now"),      # down across today's 02:30
+    ("2026-04-09T09:00+02:00", "2026-04-09T02:30:01+02:00", "2026-04-10T02:30+02:00"),  # taken today
+    ("2026-04-09T01:00+02:00", "2026-04-08T02:30:01+02:00", "2026-04-09T02:30+02:00"),  # not due yet
+    ("2026-04-09T01:00+02:00", "2026-04-06T02:30+02:00", "now"),      # yesterday's was missed
+    ("2026-04-09T09:00+02:00", None, "2026-04-10T02:30+02:00"),       # never taken: no catch-up
+    ("2026-03-29T09:00+02:00", "2026-03-28T02:30+01:00", "now"),      # 02:30 was skipped: 03:30 passed
+])
+def test_a_daily_snapshot_missed_while_down_is_taken_at_start(berlin: None, now: str, last: str | None,
+                                                              expected: str) -> None:
+    from engine.scheduler import first_daily
+    moment = datetime.fromisoformat(now)
+    due = first_daily(clock_time(2, 30), datetime.fromisoformat(last) if last else None, moment)
+    assert due == (moment if expected == "now" else datetime.fromisoformat(expected)), due
+
+
+# ---- forget and verify act on this registry; the metrics tell a verify that cannot restore -------
+
+def test_run_forgets_only_its_own_registrys_snapshots(repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    from engine import scheduler
+    from engine.forget import StoredPolicy
+    from engine.repository import SnapshotFilter
+    from engine.retention import Policy
+    generate(tmp_path / "data", "tiny", seed=19)
+    for host in ("reg-a", "reg-b") * 3:
+        clock.advance(minutes=10)
+        create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host=host, now=clock))
+    source = repo.snapshots()[0].record["source"]
+    jobs = scheduler.Jobs(repo, lambda tags: SnapshotOptions(source=tmp_path / "data"),
+                          StoredPolicy(Policy(last=1)), PruneOptions(wait_s=0.0),
+                          select=SnapshotFilter("reg-a", source))
+    assert scheduler._forget_and_prune(jobs, threading.Event())["forgotten"] == 2
+    assert sorted(s.record["host"] for s in repo.snapshots()) == ["reg-a", "reg-b", "reg-b", "reg-b"]
+
+
+def test_the_verify_metric_falls_when_the_snapshot_does_not_restore(
+        repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    from engine import scheduler
+    from engine.errors import BackendError
+    from engine.format import VERIFICATION_PREFIX
+    generate(tmp_path / "data", "tiny", seed=20)
+    create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=clock))
+    metrics = tmp_path / "clubsnap.prom"
+    jobs = scheduler.Jobs(repo, lambda tags: SnapshotOptions(source=tmp_path / "data"), None,
+                          PruneOptions(), str(tmp_path), metrics_file=metrics)
+    logged: Events = []
+    keeper = scheduler._Bookkeeper(jobs, RunState(tmp_path / "run-state.json"), logged.append)
+
+    def consistent() -> float:
+        return _parse_metrics(metrics.read_text(), repo.backend.location)["clubsnap_verify_last_consistent"]
+
+    assert keeper.run("verify", lambda: scheduler._verify(jobs)) and consistent() == 1
+    records = len(list(repo.backend.list(VERIFICATION_PREFIX)))
+    get = repo.backend.get
+
+    def unreachable(key: str, *window: int) -> bytes:
+        if key.startswith("data/"):
+            raise BackendError("bucket unreachable")
+        return get(key, *window)
+
+    repo.backend.get = unreachable  # type: ignore[method-assign]
+    assert not keeper.run("verify", lambda: scheduler._verify(jobs))
+    assert consistent() == 1 and logged[-1]["exit_code"] == BackendError.exit_code  # nothing was checked
+    assert len(list(repo.backend.list(VERIFICATION_PREFIX))) == records  # and nothing recorded
+    repo.backend.get = get  # type: ignore[method-assign]
+
+    for pack in (Path(repo.backend.location) / "data").rglob("*"):
+        if pack.is_file():
+            pack.unlink()  # the backup itself is gone: a verdict, recorded and shown
+    assert not keeper.run("verify", lambda: scheduler._verify(jobs))
+    assert consistent() == 0 and logged[-1]["exit_code"] == CheckFailed.exit_code
+    assert "does not restore" in str(logged[-1]["error"])
+    assert len(list(repo.backend.list(VERIFICATION_PREFIX))) == records + 1
+
+
+def test_metric_label_values_are_escaped() -> None:
+    from engine.metrics import RunMetrics
+    location = 's3://bucket/a "quoted"\\path\nnext'
+    metrics = RunMetrics.for_jobs(location, ("snapshot",))
+    metrics.jobs["snapshot"].ran(1.5, 2.0, ok=False)
+    metrics.snapshot_partial = True
+    text = metrics.render()
+    assert text.count("\n") == len(text.splitlines())  # no raw newline inside a sample
+    values = _parse_metrics(text, location.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+    assert values['clubsnap_job_failures_total{job="snapshot"}'] == 1 and values["clubsnap_snapshot_last_partial"] == 1
+
+
+# ---- stopping while it starts, and a log nobody reads any more -----------------------------------
+
+def test_sigterm_at_the_password_prompt_stops_run(cli: Cli, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import select
+    import termios
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=21)
+    assert cli("init", repo=repo).returncode == 0  # encrypted
+    env = {k: v for k, v in _run_env(repo, tmp_path).items() if k != "CLUBSNAP_PASSWORD"}
+    master, terminal = pty.openpty()
+
+    def controlling_terminal() -> None:  # after setsid: the pty becomes /dev/tty, as an operator's
+        fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+
+    runner = subprocess.Popen(_run_command(data, tmp_path), env=env, stdin=terminal, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=controlling_terminal)
+    os.close(terminal)
+    try:
+        prompt, deadline = b"", time.monotonic() + HANG_GUARD_S
+        while b"password for" not in prompt:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no password prompt: {prompt!r}"
+            prompt += os.read(master, 1024)
+        runner.send_signal(signal.SIGTERM)
+        out, err = runner.communicate(timeout=HANG_GUARD_S)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        os.close(master)
+    assert runner.returncode == 0 and err == "clubsnap: stopped by SIGTERM while starting\n", err
+    assert out == "" and not list((tmp_path / "cli-cache").glob("*/run-state.json"))
+
+
+def test_run_outlives_a_closed_log_and_a_listing_cut_short_exits_141(cli: Cli, tmp_path: Path) -> None:
+    from engine.errors import EXIT_BROKEN_PIPE
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    generate(data, "tiny", seed=22)
+    assert cli("init", repo=repo).returncode == 0
+    runner = subprocess.Popen(_run_command(data, tmp_path, "--every", "1s", "--prune-every", "off",
+                                           "--verify-every", "off"), env=_run_env(repo, tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    assert runner.stdout is not None
+    runner.stdout.readline()  # started; then nobody reads the log any more
+    runner.stdout.close()
+    _until(lambda: len(list(repo.glob("snapshots/*"))) >= 3)  # it kept taking snapshots
+    runner.send_signal(signal.SIGTERM)
+    _, err = runner.communicate(timeout=HANG_GUARD_S)
+    assert runner.returncode == 0 and "Traceback" not in err, err
+
+    reader, writer = os.pipe()
+    os.close(reader)  # `| head` that has already quit
+    listing = subprocess.run([sys.executable, "-m", "engine", "snapshots"], env=_run_env(repo, tmp_path),
+                             stdout=writer, stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
+    os.close(writer)
+    assert listing.returncode == EXIT_BROKEN_PIPE and "Traceback" not in listing.stderr, listing.stderr

@@ -84,6 +84,26 @@ def test_verification_records_are_capped_and_optional(repo: Repository, clock: C
     assert record_verification(repo, snap, ClubReport(), clock()) is None  # the verify stands without it
 
 
+def test_a_busy_registry_does_not_evict_another_registrys_verifications(repo: Repository, clock: Clock) -> None:
+    """Two registries share a repository; the one verified every few minutes must not
+    push the other's last verify out, or ``status --host`` would report none."""
+    from engine.repository import SnapshotInfo
+    from engine.format import SnapshotId
+
+    def snapshot_of(host: str, marker: bytes) -> SnapshotInfo:
+        return SnapshotInfo(SnapshotId(marker * 32), "snapshots/x", clock(),
+                            {"tree": b"\0" * 32, "host": host, "source": "/var/lib/club"})
+
+    quiet, busy = snapshot_of("quiet", b"\1"), snapshot_of("busy", b"\2")
+    assert record_verification(repo, quiet, ClubReport(), clock())
+    for _ in range(KEEP_VERIFICATIONS + 5):
+        clock.advance(minutes=1)
+        assert record_verification(repo, busy, ClubReport(), clock())
+    assert len(list(repo.backend.list(VERIFICATION_PREFIX))) == KEEP_VERIFICATIONS + 1
+    found = repository_status(repo, clock(), select=SnapshotFilter(host="quiet")).verification
+    assert found is not None and found["snapshot"] == quiet.id.hex()
+
+
 def test_a_verify_that_cannot_restore_is_recorded_as_failed(cli: Cli, tmp_path: Path) -> None:
     data, repo = tmp_path / "data", tmp_path / "repo"
     generate(data, "tiny", seed=6)

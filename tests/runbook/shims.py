@@ -316,17 +316,24 @@ def _list_units(patterns: list[str], states: list[str]) -> int:
     return 0
 
 
-def journalctl(argv: list[str]) -> int:
-    unit, count = None, 10
+def _options(argv: list[str], takes_value: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The values of the options in ``takes_value`` (flag -> name), and the other words."""
+    given: dict[str, str] = {}
+    others: list[str] = []
     items = iter(argv)
     for item in items:
-        if item in ("-u", "--unit"):
-            unit = next(items)
-        elif item in ("-n", "--lines"):
-            count = int(next(items))
-    if unit is None:
+        if item in takes_value:
+            given[takes_value[item]] = next(items)
+        else:
+            others.append(item)
+    return given, others
+
+
+def journalctl(argv: list[str]) -> int:
+    given, _ = _options(argv, {"-u": "unit", "--unit": "unit", "-n": "lines", "--lines": "lines"})
+    if "unit" not in given:
         raise Failed("journalctl: give -u UNIT")
-    print("".join(_tail(STATE / f"{_name(unit)}.log", count)), end="")
+    print("".join(_tail(STATE / f"{_name(given['unit'])}.log", int(given.get("lines", 10)))), end="")
     return 0
 
 
@@ -341,15 +348,9 @@ def _instructions(dockerfile: Path) -> Iterator[tuple[str, str]]:
 
 
 def _build(argv: list[str]) -> None:
-    tag, dockerfile, context = None, None, None
-    items = iter(argv)
-    for item in items:
-        if item in ("-t", "--tag"):
-            tag = next(items)
-        elif item in ("-f", "--file"):
-            dockerfile = Path(next(items))
-        else:
-            context = Path(item)
+    given, positional = _options(argv, {"-t": "tag", "--tag": "tag", "-f": "file", "--file": "file"})
+    tag, context = given.get("tag"), Path(positional[-1]) if positional else None
+    dockerfile = Path(given["file"]) if "file" in given else None
     if tag is None or context is None:
         raise Failed("docker build: give -t NAME and a context")
     image: dict[str, object] = {"env": {}, "volumes": []}
