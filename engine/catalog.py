@@ -58,13 +58,22 @@ class Catalog:
             if version == str(SCHEMA_VERSION):
                 return
             if version in ("1", "2", "3"):  # keep the files cache: losing it costs a full read
-                if version == "1":
-                    self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
-                    self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
-                if version in ("1", "2"):
-                    self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
-                self._create_garbage_tables()
-                self.set_meta("schema", str(SCHEMA_VERSION))
+                # One transaction (SQLite DDL is transactional): a process stopped halfway
+                # must not leave columns added under the old version number, which the
+                # next start would try to add again.
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if version == "1":
+                        self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
+                        self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
+                    if version in ("1", "2"):
+                        self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
+                    self._create_garbage_tables()
+                    self.set_meta("schema", str(SCHEMA_VERSION))
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
                 return
             # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
             # frequent snapshots run every few minutes) would pay for a schema made once.
@@ -91,7 +100,7 @@ class Catalog:
         """Packs a prune condemned (docs/format.md §10): readers may still need their
         blobs, writers must not count on them. And the index by pack, which prune and tree
         reads query."""
-        self._conn.executescript("""
+        statements = """
             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
             CREATE TABLE IF NOT EXISTS garbage_objects (name TEXT PRIMARY KEY);
             CREATE TABLE IF NOT EXISTS condemned_packs (id BLOB, size INTEGER, garbage TEXT,
@@ -100,7 +109,10 @@ class Catalog:
                                                         length INTEGER, raw_length INTEGER, PRIMARY KEY (id, pack));
             CREATE INDEX IF NOT EXISTS condemned_by_pack ON condemned_blobs (pack);
             CREATE TABLE IF NOT EXISTS listing (name TEXT PRIMARY KEY);
-        """)
+        """
+        for statement in statements.split(";"):  # not executescript: it would commit a migration's transaction
+            if statement.strip():
+                self._conn.execute(statement)
 
     def _schema_version(self) -> str | None:
         try:

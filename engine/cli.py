@@ -717,31 +717,45 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
-class _StoppedStarting(Exception):
-    """SIGTERM or SIGINT while ``run`` starts up (a password prompt, a slow first sync)."""
+class _StoppedStarting(BaseException):
+    """SIGTERM or SIGINT while ``run`` starts up (a password prompt, opening a slow
+    bucket). A BaseException, like KeyboardInterrupt: the HTTP stack must not take it for
+    a failed request and retry."""
 
 
-def _stop_starting(signum: int, frame: object) -> None:
-    raise _StoppedStarting(signal.Signals(signum).name)
+class _Stopper:
+    """The one handler of SIGTERM and SIGINT for ``run``, installed before anything else:
+    it always sets ``stop``, and while ``starting`` also interrupts whatever start-up
+    waits on (a password prompt would swallow Ctrl-C). Flipping ``starting`` (never
+    swapping handlers) leaves no moment in which a signal finds no handler or the wrong
+    one; once the scheduler runs, the job running finishes first."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.starting = True
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.stop.set()
+        if self.starting:
+            self.starting = False  # once: the handler of this stop must not be interrupted
+            raise _StoppedStarting(signal.Signals(signum).name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT.
-
-    While it starts up a stop request interrupts whatever it waits on (a password prompt
-    would otherwise swallow Ctrl-C); once the scheduler runs, a stop request only sets
-    ``stop``, so the job running finishes first."""
+    """The scheduler (engine/scheduler.py), with its log on stdout, until SIGTERM or SIGINT."""
+    stopper = _Stopper()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop_starting)
+        signal.signal(sig, stopper)
     try:
-        jobs, schedule, lock_dir, log = _prepare_run(args)
+        try:
+            jobs, schedule, lock_dir, log = _prepare_run(args)
+        finally:
+            stopper.starting = False  # also when start-up failed: its error is reported in peace
     except _StoppedStarting as exc:
-        print(f"clubsnap: stopped by {exc} while starting", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print(f"clubsnap: stopped by {exc} while starting", file=sys.stderr)
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    scheduler.run(jobs, schedule, stop, log, lock_dir)
+    scheduler.run(jobs, schedule, stopper.stop, log, lock_dir)
     return 0
 
 
@@ -768,14 +782,23 @@ def _prepare_run(args: argparse.Namespace) -> tuple[scheduler.Jobs, scheduler.Sc
             details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "ok"))
             state = "" if "ok" not in event else " ok" if event["ok"] else " FAILED"
             line = f"{event['time']} {event['event']}{state} {details}".rstrip()
-        try:
-            print(line, flush=True)
-        except BrokenPipeError:  # the reader is gone for good: backups go on unlogged
-            _discard_stdout()
-        except OSError:
-            pass  # a full disk under a redirected log: this line is lost, backups go on
+        _log_line(line)
 
     return jobs, schedule, _cache_root(args) / repo.config.repo_id, log
+
+
+def _log_line(line: str) -> None:
+    """One line on stdout, written straight to the descriptor: a line that cannot be
+    written is lost rather than left in a buffer that every later line, and the flush at
+    exit, would fail on again. The scheduler outlives its log."""
+    data = (line + "\n").encode(sys.stdout.encoding or "utf-8", "backslashreplace")
+    try:
+        while data:
+            data = data[os.write(sys.stdout.fileno(), data):]
+    except BrokenPipeError:  # the reader is gone for good: backups go on unlogged
+        _discard_stdout()
+    except OSError:
+        pass  # a full disk under a redirected log: this line is lost, the next may fit
 
 
 def _discard_stdout() -> None:
@@ -1047,6 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _config(args)  # a bad configuration file fails every command, even one it would not serve
         code: int = args.func(args)
         _report_requests(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
     except errors.EngineError as exc:
         _report_requests(args)

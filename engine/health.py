@@ -20,8 +20,8 @@ from typing import Any
 import msgpack
 
 from .clubcheck import ClubReport, check_club
-from .errors import EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
-from .format import SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
+from .errors import BackendError, EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
+from .format import CONFIG_KEY, SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
 from .repository import Repository, SnapshotFilter, SnapshotInfo
 from .restore import apply_restore, plan_restore
 from .timespec import recorded_time
@@ -29,8 +29,9 @@ from .timespec import recorded_time
 KEEP_VERIFICATIONS = 30  # per registry: older records of its snapshots go when a new one is written
 MAX_LISTED = 20
 # What a restore of a snapshot meets when the repository cannot give it back, whoever tries:
-# a verdict on the backup, unlike an unreachable bucket or a full scratch disk.
-DAMAGE = (IntegrityError, ObjectNotFound, UnsupportedFormat)
+# a verdict on the backup, unlike an unreachable bucket, a full scratch disk, or a format
+# newer than this build (UnsupportedFormat: a verdict on the verifier).
+DAMAGE = (IntegrityError, ObjectNotFound)
 CLOCK_SKEW = timedelta(minutes=5)  # a snapshot dated further ahead than this is suspect
 
 
@@ -46,6 +47,12 @@ def verify_snapshot(repo: Repository, snap: SnapshotInfo, temp_dir: str | None, 
     except DAMAGE as exc:
         # A snapshot that does not even restore is the worst verify result: recorded too.
         # Not so a full scratch disk or unreachable storage: they say nothing of the backup.
+        # Nor a repository gone as a whole (its disk unmounted midway, every object "missing").
+        try:
+            repo.backend.stat(CONFIG_KEY)
+        except EngineError as gone:
+            raise BackendError(f"{repo.backend.location}: the repository is not there any more "
+                               f"({gone}); nothing recorded") from exc
         record_verification(repo, snap, ClubReport(database=[f"restore failed: {exc}"]), now)
         raise
     record_verification(repo, snap, report, now)
@@ -95,8 +102,12 @@ def latest_verification(repo: Repository, select: SnapshotFilter | None = None,
                         known: frozenset[str] = frozenset()) -> dict[str, Any] | None:
     """The newest readable verification record (keys begin with the verify's time) of a
     snapshot ``select`` matches (see ``verified_matches``; ``known``: the hex ids of the
-    listed snapshots it matches)."""
+    listed snapshots it matches). Given a host and a source, records of other registries
+    are passed over by their key, unread."""
+    wanted = registry_group(repo, select.host, select.source) if select and select.host and select.source else None
     for key in sorted((k for k, _ in repo.backend.list(VERIFICATION_PREFIX)), reverse=True):
+        if wanted is not None and _group_of(key) not in ("", wanted):
+            continue
         try:
             data = repo.backend.get(key)
             record = dict(open_object(Kind.VERIFICATION, data, key, repo.cipher))

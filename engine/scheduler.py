@@ -32,7 +32,7 @@ from typing import Any, Callable
 from .backends.fs import fsync_dir
 from .errors import CheckFailed, EngineError, RepositoryLocked
 from .forget import StoredPolicy, load_policy, plan_forget, remove_snapshots
-from .health import DAMAGE, verify_snapshot
+from .health import DAMAGE, latest_verification, verify_snapshot
 from .metrics import RunMetrics
 from .prune import PruneOptions, prune
 from .repository import Repository, SnapshotFilter
@@ -42,6 +42,7 @@ from .timespec import recorded_time
 Log = Callable[[dict[str, Any]], None]
 STATE_FILE = "run-state.json"
 JOBS = ("snapshot", "daily", "prune", "verify")  # "daily": the snapshot tagged daily
+DAILY_RETRY_S = 600.0  # a failed daily snapshot is tried again this soon (or at --every)
 
 
 @dataclass(frozen=True)
@@ -154,15 +155,18 @@ def _exclusive(path: Path) -> int:
 
 def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log, state: RunState) -> int:
     due = first_due(schedule, state, jobs.now(), time.monotonic())
-    next_daily = first_daily(schedule.daily_at, state.last("daily"), jobs.now())
+    next_daily = first_daily(schedule.daily_at, state.last("daily", "last_success"), jobs.now())
     keeper = _Bookkeeper(jobs, state, log)
     failures = 0
     log({"event": "start", "schedule": schedule.describe()})
     while not stop.is_set():
         now = time.monotonic()
         if next_daily is not None and jobs.now() >= next_daily:
-            failures += not keeper.run("daily", lambda: _snapshot(jobs, ["daily"]))
-            next_daily = next_daily_at(jobs.now(), schedule.daily_at)
+            ok = keeper.run("daily", lambda: _snapshot(jobs, ["daily"]))
+            failures += not ok
+            next_daily = _after_daily(schedule, ok, jobs.now())
+            if ok and due["snapshot"] is not None:  # it was a snapshot too: the next periodic one waits
+                due["snapshot"] = max(due["snapshot"], time.monotonic() + (schedule.snapshot_every or 0))
             continue
         ready = [name for name, when in due.items() if when is not None and when <= now]
         if ready:
@@ -198,8 +202,8 @@ def first_due(schedule: Schedule, state: RunState, now: datetime, start: float) 
 
 def first_daily(at: clock_time | None, last: datetime | None, now: datetime) -> datetime | None:
     """When the daily snapshot is first due: now, if its time passed since the last one
-    (``run`` was down across it: a service restarted, a host rebooted at night), else at
-    its next time. Never at once when none was ever taken: a first start is no catch-up."""
+    that succeeded (``run`` was down across it, or stopped while it failed), else at its
+    next time. Never at once when none was ever taken: a first start is no catch-up."""
     if at is None:
         return None
     today = now.astimezone().date()
@@ -207,6 +211,15 @@ def first_daily(at: clock_time | None, last: datetime | None, now: datetime) -> 
     if passed > now:
         passed = _local(today - timedelta(days=1), at)
     return now if last is not None and last < passed else next_daily_at(now, at)
+
+
+def _after_daily(schedule: Schedule, ok: bool, now: datetime) -> datetime | None:
+    """The next daily snapshot: at its next time, or soon if this one failed (a day
+    without one leaves a hole in a daily retention policy), but no later than that time."""
+    upcoming = next_daily_at(now, schedule.daily_at)
+    if ok or upcoming is None:
+        return upcoming
+    return min(upcoming, now + timedelta(seconds=schedule.snapshot_every or DAILY_RETRY_S))
 
 
 def _action(jobs: Jobs, name: str, stop: threading.Event) -> Callable[[], dict[str, Any]]:
@@ -238,6 +251,8 @@ class _Bookkeeper:
     def __init__(self, jobs: Jobs, state: RunState, log: Log) -> None:
         self.jobs, self.state, self.log = jobs, state, log
         self.metrics = _metrics_from(state, jobs.repo.backend.location)
+        if jobs.metrics_file is not None:
+            _last_verdicts(jobs, self.metrics)
 
     def run(self, name: str, action: Callable[[], dict[str, Any]]) -> bool:
         outcome = _job(name, action, self.log, self.jobs.now)
@@ -267,6 +282,21 @@ def _metrics_from(state: RunState, repository: str) -> RunMetrics:
         values.last_success = last_success.timestamp() if last_success else None
         values.last_duration = float(duration) if isinstance(duration, (int, float)) else None
     return metrics
+
+
+def _last_verdicts(jobs: Jobs, metrics: RunMetrics) -> None:
+    """Whether this registry's newest snapshot is partial and its last verify found it
+    consistent, from the repository: a restart must not clear an alert on either until
+    the next snapshot or verify."""
+    try:
+        own = [snap for snap in jobs.repo.snapshots() if jobs.select is None or jobs.select.matches(snap)]
+        record = latest_verification(jobs.repo, jobs.select, frozenset(snap.id.hex() for snap in own))
+    except (EngineError, OSError, sqlite3.Error):
+        return  # unknown, left out; the first job's failure, if it persists, is logged
+    if own:
+        metrics.snapshot_partial = bool(own[-1].record.get("partial"))
+    if record is not None:
+        metrics.verify_consistent = bool(record.get("ok"))
 
 
 def _count(metrics: RunMetrics, outcome: Outcome) -> None:

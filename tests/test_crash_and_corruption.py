@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 
 from benchmarks.clubgen import generate
 from engine import Repository, check, create_snapshot
@@ -174,3 +175,30 @@ def test_flipped_byte_fails_check_and_restore_naming_the_file(cli: Cli, tmp_path
     assert restored.returncode == 12
     assert victim.name in restored.stderr and "blobs/" in restored.stderr
     assert len(restored.stderr.strip().splitlines()) == 1
+
+
+def test_a_catalog_upgrade_stopped_halfway_is_done_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop request (Ctrl-C at start-up) in the middle of upgrading a version-2 local
+    catalog leaves it at version 2, whole: the next start upgrades it, rather than adding a
+    column twice and calling the catalog unusable."""
+    import sqlite3
+    from engine.catalog import SCHEMA_VERSION, Catalog
+    path = tmp_path / "catalog.db"
+    Catalog(path).close()
+    with sqlite3.connect(path) as old:  # as version 2 made it
+        old.execute("ALTER TABLE snapshots DROP COLUMN sealed")
+        old.execute("DROP TABLE condemned_packs")
+        old.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    old.close()
+
+    def interrupted(self: Catalog) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Catalog, "_create_garbage_tables", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            Catalog(path)
+    catalog = Catalog(path)
+    assert catalog.meta("schema") == str(SCHEMA_VERSION)
+    assert catalog._conn.execute("SELECT sealed FROM snapshots").fetchall() == []
+    catalog.close()

@@ -405,6 +405,17 @@ def test_a_daily_snapshot_missed_while_down_is_taken_at_start(berlin: None, now:
     assert due == (moment if expected == "now" else datetime.fromisoformat(expected)), due
 
 
+def test_a_failed_daily_snapshot_is_tried_again_soon(berlin: None) -> None:
+    from engine.scheduler import DAILY_RETRY_S, _after_daily
+    daily = Schedule(snapshot_every=None, daily_at=clock_time(2, 30))
+    ran = datetime.fromisoformat("2026-04-09T02:30:04+02:00")
+    assert _after_daily(daily, True, ran) == datetime.fromisoformat("2026-04-10T02:30+02:00")
+    assert _after_daily(daily, False, ran) == ran + timedelta(seconds=DAILY_RETRY_S)
+    assert _after_daily(replace(daily, snapshot_every=120.0), False, ran) == ran + timedelta(minutes=2)
+    late = datetime.fromisoformat("2026-04-10T02:29+02:00")  # never past the next day's time
+    assert _after_daily(daily, False, late) == datetime.fromisoformat("2026-04-10T02:30+02:00")
+
+
 # ---- forget and verify act on this registry; the metrics tell a verify that cannot restore -------
 
 def test_run_forgets_only_its_own_registrys_snapshots(repo: Repository, clock: Clock, tmp_path: Path) -> None:
@@ -462,6 +473,9 @@ def test_the_verify_metric_falls_when_the_snapshot_does_not_restore(
     assert consistent() == 0 and logged[-1]["exit_code"] == CheckFailed.exit_code
     assert "does not restore" in str(logged[-1]["error"])
     assert len(list(repo.backend.list(VERIFICATION_PREFIX))) == records + 1
+    restarted = scheduler._Bookkeeper(jobs, RunState(tmp_path / "run-state.json"), logged.append)
+    assert restarted.metrics.verify_consistent is False  # the alert stays up across a restart
+    assert restarted.metrics.snapshot_partial is False
 
 
 def test_metric_label_values_are_escaped() -> None:
@@ -512,7 +526,7 @@ def test_sigterm_at_the_password_prompt_stops_run(cli: Cli, tmp_path: Path) -> N
     assert out == "" and not list((tmp_path / "cli-cache").glob("*/run-state.json"))
 
 
-def test_run_outlives_a_closed_log_and_a_listing_cut_short_exits_141(cli: Cli, tmp_path: Path) -> None:
+def test_run_outlives_a_closed_or_full_log_and_a_listing_cut_short_exits_141(cli: Cli, tmp_path: Path) -> None:
     from engine.errors import EXIT_BROKEN_PIPE
     data, repo = tmp_path / "data", tmp_path / "repo"
     generate(data, "tiny", seed=22)
@@ -528,9 +542,46 @@ def test_run_outlives_a_closed_log_and_a_listing_cut_short_exits_141(cli: Cli, t
     _, err = runner.communicate(timeout=HANG_GUARD_S)
     assert runner.returncode == 0 and "Traceback" not in err, err
 
+    taken = len(list(repo.glob("snapshots/*")))
+    buffered = {k: v for k, v in _run_env(repo, tmp_path).items() if k != "PYTHONUNBUFFERED"}
+    with open("/dev/full", "w") as full:  # a log on a full disk: lines are lost, nothing else
+        runner = subprocess.Popen(_run_command(data, tmp_path, "--every", "1s", "--prune-every", "off",
+                                               "--verify-every", "off"), env=buffered, stdout=full,
+                                  stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        _until(lambda: len(list(repo.glob("snapshots/*"))) >= taken + 2)
+        runner.send_signal(signal.SIGTERM)
+        _, err = runner.communicate(timeout=HANG_GUARD_S)
+    assert runner.returncode == 0 and err == "", err
+
     reader, writer = os.pipe()
     os.close(reader)  # `| head` that has already quit
-    listing = subprocess.run([sys.executable, "-m", "engine", "snapshots"], env=_run_env(repo, tmp_path),
+    listing = subprocess.run([sys.executable, "-m", "engine", "snapshots"], env=buffered,
                              stdout=writer, stderr=subprocess.PIPE, text=True, timeout=HANG_GUARD_S)
     os.close(writer)
     assert listing.returncode == EXIT_BROKEN_PIPE and "Traceback" not in listing.stderr, listing.stderr
+
+
+def test_sigterm_while_a_bucket_does_not_answer_stops_run(tmp_path: Path) -> None:
+    """A stop request during start-up's first S3 request must not be taken for a failed
+    request and retried (it would be lost, and ``run`` would start after all)."""
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    env = {**_run_env(tmp_path / "unused", tmp_path), "CLUBSNAP_REPO": "s3://bucket/registry",
+           "CLUBSNAP_S3_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    (tmp_path / "data").mkdir()
+    runner = subprocess.Popen(_run_command(tmp_path / "data", tmp_path), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        silent.settimeout(HANG_GUARD_S)
+        connection, _ = silent.accept()  # its request is on the way; no answer comes
+        runner.send_signal(signal.SIGTERM)
+        _, err = runner.communicate(timeout=HANG_GUARD_S)
+        connection.close()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        silent.close()
+    assert runner.returncode == 0 and err == "clubsnap: stopped by SIGTERM while starting\n", err

@@ -10,6 +10,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
+import pytest
+
 from benchmarks.clubgen import generate
 from engine import Repository
 from engine.clubcheck import ClubReport
@@ -184,3 +186,26 @@ def test_a_verification_record_without_the_snapshot_fields_matches_by_id(
     found = repository_status(repo, clock(), select=SnapshotFilter(host="h")).verification
     assert found is not None and found["snapshot"] == snap.id.hex()
     assert repository_status(repo, clock(), select=SnapshotFilter(host="verifier")).verification is None
+
+
+def test_a_repository_gone_midway_is_no_verify_result(repo: Repository, clock: Clock, tmp_path: Path) -> None:
+    """Its disk unmounted during a verify, every object of a repository is "missing": that
+    says nothing of the backup, so no failed verify is recorded (nor could it be)."""
+    import shutil
+    from engine import SnapshotOptions, create_snapshot
+    from engine.health import verify_snapshot
+    generate(tmp_path / "data", "tiny", seed=23)
+    snap = create_snapshot(repo, SnapshotOptions(source=tmp_path / "data", host="h", now=clock)).info
+    root = Path(repo.backend.location)
+    get = repo.backend.get
+
+    def unmounting(key: str, *window: int) -> bytes:
+        if key.startswith("data/") and root.exists():
+            shutil.move(root, tmp_path / "elsewhere")  # the disk goes away mid-restore
+        return get(key, *window)
+
+    repo.backend.get = unmounting  # type: ignore[method-assign]
+    with pytest.raises(BackendError, match="not there any more"):
+        verify_snapshot(repo, snap, str(tmp_path), clock())
+    shutil.move(tmp_path / "elsewhere", root)
+    assert not list(repo.backend.list(VERIFICATION_PREFIX))
