@@ -53,48 +53,56 @@ class Catalog:
                               f"choose another with --cache-dir or CLUBSNAP_CACHE_DIR") from exc
 
     def _create_schema(self) -> None:
+        """Create or upgrade the tables, in one transaction (SQLite DDL is transactional)
+        that re-reads the version under its write lock: a process stopped halfway leaves
+        the old version whole, and two processes opening an old catalog at once (cron's
+        snapshot and ``run``) upgrade it once, not twice."""
         with self._lock:
-            version = self._schema_version()
-            if version == str(SCHEMA_VERSION):
+            if self._schema_version() == str(SCHEMA_VERSION):
                 return
-            if version in ("1", "2", "3"):  # keep the files cache: losing it costs a full read
-                # One transaction (SQLite DDL is transactional): a process stopped halfway
-                # must not leave columns added under the old version number, which the
-                # next start would try to add again.
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if version == "1":
-                        self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
-                        self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
-                    if version in ("1", "2"):
-                        self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
-                    self._create_garbage_tables()
-                    self.set_meta("schema", str(SCHEMA_VERSION))
-                except BaseException:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._schema_version()
+                if version in ("1", "2", "3"):  # keep the files cache: losing it costs a full read
+                    self._upgrade(version)
+                elif version != str(SCHEMA_VERSION):
+                    self._create_tables()
+            except BaseException:
+                if self._conn.in_transaction:  # SQLite may have rolled back by itself (I/O error)
                     self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-                return
-            # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
-            # frequent snapshots run every few minutes) would pay for a schema made once.
-            import sqlite_utils
+                raise
+            self._conn.execute("COMMIT")
 
-            db = sqlite_utils.Database(self._conn)
-            for table in db.table_names():
-                db.table(table).drop()
-            db.table("meta").create({"key": str, "value": str}, pk="key")
-            db.table("index_objects").create({"name": str}, pk="name")
-            db.table("packs").create({"id": bytes, "size": int}, pk="id")
-            db.table("blobs").create({"id": bytes, "type": int, "pack": bytes, "offset": int,
-                                      "length": int, "raw_length": int}, pk="id")
-            db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes, "sealed": bytes},
-                                         pk="key")
-            db.table("trees").create({"id": bytes, "stored": bytes}, pk="id")
-            db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
-                                      "ctime_ns": int, "inode": int, "chunks": bytes, "etag": str},
-                                     pk=("source", "path"))
-            self._create_garbage_tables()
-            self.set_meta("schema", str(SCHEMA_VERSION))
+    def _upgrade(self, version: str) -> None:
+        if version == "1":
+            self._conn.execute("ALTER TABLE files ADD COLUMN etag TEXT")
+            self._conn.execute("CREATE TABLE trees (id BLOB PRIMARY KEY, stored BLOB)")
+        if version in ("1", "2"):
+            self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
+        self._create_garbage_tables()
+        self.set_meta("schema", str(SCHEMA_VERSION))
+
+    def _create_tables(self) -> None:
+        # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
+        # frequent snapshots run every few minutes) would pay for a schema made once.
+        import sqlite_utils
+
+        db = sqlite_utils.Database(self._conn)
+        for table in db.table_names():
+            db.table(table).drop()
+        db.table("meta").create({"key": str, "value": str}, pk="key")
+        db.table("index_objects").create({"name": str}, pk="name")
+        db.table("packs").create({"id": bytes, "size": int}, pk="id")
+        db.table("blobs").create({"id": bytes, "type": int, "pack": bytes, "offset": int,
+                                  "length": int, "raw_length": int}, pk="id")
+        db.table("snapshots").create({"key": str, "id": bytes, "time_us": int, "record": bytes, "sealed": bytes},
+                                     pk="key")
+        db.table("trees").create({"id": bytes, "stored": bytes}, pk="id")
+        db.table("files").create({"source": str, "path": bytes, "size": int, "mtime_ns": int,
+                                  "ctime_ns": int, "inode": int, "chunks": bytes, "etag": str},
+                                 pk=("source", "path"))
+        self._create_garbage_tables()
+        self.set_meta("schema", str(SCHEMA_VERSION))
 
     def _create_garbage_tables(self) -> None:
         """Packs a prune condemned (docs/format.md §10): readers may still need their

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import shlex
@@ -735,7 +736,9 @@ class _Stopper:
         self.starting = True
 
     def __call__(self, signum: int, frame: object) -> None:
-        self.stop.set()
+        # Not ``stop.set()`` here: the handler runs in the main thread, which may be inside
+        # ``stop.wait()`` holding the event's lock, and set() would wait on it forever.
+        threading.Thread(target=self.stop.set, name="stop-request", daemon=True).start()
         if self.starting:
             self.starting = False  # once: the handler of this stop must not be interrupted
             raise _StoppedStarting(signal.Signals(signum).name)
@@ -791,18 +794,24 @@ def _log_line(line: str) -> None:
     """One line on stdout, written straight to the descriptor: a line that cannot be
     written is lost rather than left in a buffer that every later line, and the flush at
     exit, would fail on again. The scheduler outlives its log."""
-    data = (line + "\n").encode(sys.stdout.encoding or "utf-8", "backslashreplace")
+    if sys.stdout is None:  # started with stdout closed: nowhere to log
+        return
+    whole = data = (line + "\n").encode(sys.stdout.encoding or "utf-8", "backslashreplace")
     try:
         while data:
             data = data[os.write(sys.stdout.fileno(), data):]
     except BrokenPipeError:  # the reader is gone for good: backups go on unlogged
         _discard_stdout()
-    except OSError:
-        pass  # a full disk under a redirected log: this line is lost, the next may fit
+    except OSError:  # a full disk under a redirected log: this line is lost, the next may fit
+        if len(data) < len(whole):  # half of it went out: end it, or the next line joins it
+            with contextlib.suppress(OSError):
+                os.write(sys.stdout.fileno(), b"\n")
 
 
 def _discard_stdout() -> None:
     """Point stdout at /dev/null, so neither later output nor the flush at exit fails."""
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
@@ -1066,11 +1075,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    return _settle_stdout(_dispatch(args))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; every failure an operator can meet becomes one line and a code."""
     try:
         _config(args)  # a bad configuration file fails every command, even one it would not serve
         code: int = args.func(args)
         _report_requests(args)
-        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
     except errors.EngineError as exc:
         _report_requests(args)
@@ -1085,6 +1098,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `clubsnap snapshots | head`: the reader has what it wanted
         _discard_stdout()
         return errors.EXIT_BROKEN_PIPE
+
+
+def _settle_stdout(code: int) -> int:
+    """Flush stdout now, not at exit, where a failure turns any exit code into 120: a
+    reader that left (``| head``) makes a success 141 and leaves a failure's code as it
+    is (a probe must still see ``status``'s 22); a full disk under a redirect is an
+    error of its own."""
+    if sys.stdout is None:  # started with stdout closed: nothing was written
+        return code
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return code or errors.EXIT_BROKEN_PIPE
+    except OSError as exc:
+        _discard_stdout()
+        with contextlib.suppress(OSError):
+            print(f"clubsnap: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+        return code or (errors.StorageFull.exit_code if exc.errno == errno.ENOSPC else 1)
+    return code
 
 
 if __name__ == "__main__":

@@ -111,10 +111,10 @@ def latest_verification(repo: Repository, select: SnapshotFilter | None = None,
         try:
             data = repo.backend.get(key)
             record = dict(open_object(Kind.VERIFICATION, data, key, repo.cipher))
-        except (ObjectNotFound, IntegrityError, UnsupportedFormat):
-            continue  # deleted meanwhile, or damaged: the one before tells something
-        if key.rsplit("_", 1)[-1] == digest(data).hex() and verified_matches(record, select, known):
-            return record
+            if key.rsplit("_", 1)[-1] == digest(data).hex() and verified_matches(record, select, known):
+                return record
+        except (ObjectNotFound, IntegrityError, UnsupportedFormat, ValueError, TypeError):
+            continue  # deleted meanwhile, or damaged, or not a record: the one before tells something
     return None
 
 

@@ -118,6 +118,13 @@ class RunState:
     def last(self, name: str, what: str = "last_run") -> datetime | None:
         return recorded_time(self.jobs.get(name, {}).get(what))
 
+    def last_daily(self) -> datetime | None:
+        """When the last daily snapshot succeeded; one that ran but never succeeded is
+        owed as much as one missed, so it counts from 1970; None if none ever ran."""
+        if "daily" not in self.jobs:
+            return None
+        return self.last("daily", "last_success") or datetime.fromtimestamp(0, timezone.utc)
+
     def record(self, outcome: Outcome) -> None:
         entry = self.jobs.setdefault(outcome.name, {})
         entry.update(last_run=outcome.started.astimezone(timezone.utc).isoformat(), ok=outcome.ok,
@@ -155,7 +162,7 @@ def _exclusive(path: Path) -> int:
 
 def _loop(jobs: Jobs, schedule: Schedule, stop: threading.Event, log: Log, state: RunState) -> int:
     due = first_due(schedule, state, jobs.now(), time.monotonic())
-    next_daily = first_daily(schedule.daily_at, state.last("daily", "last_success"), jobs.now())
+    next_daily = first_daily(schedule.daily_at, state.last_daily(), jobs.now())
     keeper = _Bookkeeper(jobs, state, log)
     failures = 0
     log({"event": "start", "schedule": schedule.describe()})

@@ -125,3 +125,35 @@ def test_unusable_cache_dir(cli: Cli, tmp_path: Path) -> None:
 def test_repository_path_that_is_a_file(cli: Cli, tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     _one_line_error(cli("snapshots", repo=tmp_path / "file"), 13, "Not a directory")
+
+
+def test_output_nobody_can_take_keeps_the_exit_code(cli: Cli, tmp_path: Path) -> None:
+    """stdout closed, cut off by its reader, or on a full disk: a command's own exit code
+    stands (a probe must see status's 22), a success cut short is 141, and output lost to a
+    full disk is an error of its own; never "Exception ignored" and exit 120 at exit."""
+    import sys
+    from engine.errors import EXIT_BROKEN_PIPE, StorageFull, Unhealthy
+    from .conftest import ROOT
+    repo = tmp_path / "repo"
+    assert cli("init", repo=repo).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as usual
+    env.update(CLUBSNAP_CACHE_DIR=str(tmp_path / "cli-cache"), PYTHONPATH=str(ROOT), CLUBSNAP_REPO=str(repo))
+
+    def clubsnap(stdout: int | object, *args: str, closed: bool = False) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "engine", *args]
+        if closed:  # started with fd 1 closed, as a daemon launched with >&-
+            command = ["bash", "-c", 'exec "$@" >&-', "clubsnap", *command]
+        return subprocess.run(command, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+
+    assert clubsnap(subprocess.DEVNULL, "snapshots", closed=True).returncode == 0
+    assert clubsnap(subprocess.DEVNULL, "status", "--max-age", "1h", closed=True).returncode == Unhealthy.exit_code
+    reader, writer = os.pipe()
+    os.close(reader)
+    cut = clubsnap(writer, "status", "--max-age", "1h")
+    assert cut.returncode == Unhealthy.exit_code and "Exception" not in cut.stderr, cut.stderr
+    assert clubsnap(writer, "status").returncode == EXIT_BROKEN_PIPE
+    os.close(writer)
+    with open("/dev/full", "w") as full:
+        unhealthy = clubsnap(full, "status", "--max-age", "1h")
+        assert unhealthy.returncode == Unhealthy.exit_code and "Exception" not in unhealthy.stderr
+        _one_line_error(clubsnap(full, "status"), StorageFull.exit_code, "cannot write the output")

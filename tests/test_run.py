@@ -585,3 +585,46 @@ def test_sigterm_while_a_bucket_does_not_answer_stops_run(tmp_path: Path) -> Non
             runner.kill()
         silent.close()
     assert runner.returncode == 0 and err == "clubsnap: stopped by SIGTERM while starting\n", err
+
+
+STOPPER_CHILD = """
+import signal, sys
+from engine.cli import _Stopper
+stopper = _Stopper()
+stopper.starting = False
+signal.signal(signal.SIGTERM, stopper)
+print("ready", flush=True)
+while not stopper.stop.wait(0):  # the scheduler's wait, its window made as wide as can be
+    pass
+"""
+
+
+def test_a_stop_request_never_deadlocks_on_the_wait_it_interrupts() -> None:
+    """The handler runs in the main thread, perhaps while it holds the stop event's lock
+    inside ``wait()``: setting the event right there would hang ``run`` for good."""
+    hung = 0
+    for _ in range(12):
+        child = subprocess.Popen([sys.executable, "-c", STOPPER_CHILD], stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        time.sleep(0.05)
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            hung += 1
+            child.kill()
+            child.wait()
+        child.stdout.close()
+    assert hung == 0, f"{hung} of 12 hung after one SIGTERM"
+
+
+def test_a_daily_snapshot_that_never_succeeded_is_owed(tmp_path: Path) -> None:
+    state = RunState(tmp_path / "run-state.json")
+    assert state.last_daily() is None  # never ran: a first start is no catch-up
+    now = datetime.now().astimezone()
+    state.record(Outcome("daily", now, 1.0, error=CheckFailed("storage not mounted yet")))
+    owed = state.last_daily()
+    assert owed is not None and owed < now - timedelta(days=365)
+    state.record(Outcome("daily", now, 1.0, {}))
+    assert state.last_daily() == now + timedelta(seconds=1)

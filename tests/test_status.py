@@ -209,3 +209,21 @@ def test_a_repository_gone_midway_is_no_verify_result(repo: Repository, clock: C
         verify_snapshot(repo, snap, str(tmp_path), clock())
     shutil.move(tmp_path / "elsewhere", root)
     assert not list(repo.backend.list(VERIFICATION_PREFIX))
+
+
+def test_a_verification_record_that_is_no_record_is_passed_over(repo: Repository, clock: Clock) -> None:
+    """A well-sealed object whose payload is not a map (a buggy writer) must not stop
+    status, nor ``run`` reading the last verdict at start: the record before it counts."""
+    from engine.format import SNAPSHOT_STAMP, Kind, digest, seal_object
+    from engine.repository import SnapshotInfo
+    from engine.format import SnapshotId
+    snap = SnapshotInfo(SnapshotId(b"\3" * 32), "snapshots/x", clock(), {"tree": b"\0" * 32, "host": "h", "source": "/d"})
+    assert record_verification(repo, snap, ClubReport(), clock())
+    for odd in ([1, 2, 3], {"time": clock().isoformat(), "snapshot_source": "/d", "snapshot_tags": 5}):
+        clock.advance(minutes=1)
+        data = seal_object(Kind.VERIFICATION, odd, repo.cipher)
+        repo.backend.put(f"{VERIFICATION_PREFIX}{clock().strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}", data)
+    found = repository_status(repo, clock(), select=SnapshotFilter(tags=("daily",))).verification
+    assert found is None
+    found = repository_status(repo, clock(), select=SnapshotFilter(host="h", source="/d")).verification
+    assert found is not None and found["snapshot"] == snap.id.hex()
