@@ -85,6 +85,7 @@ class Catalog:
     def _create_tables(self) -> None:
         # Imported here only: sqlite-utils takes ~0.15 s to import, which every run (and
         # frequent snapshots run every few minutes) would pay for a schema made once.
+        # Version 4 or later: 3.x commits inside create(), ending our transaction.
         import sqlite_utils
 
         db = sqlite_utils.Database(self._conn)

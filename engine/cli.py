@@ -190,7 +190,11 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     repo = getattr(args, "repository", None)
     if isinstance(data, dict) and repo is not None and "requests" not in data:
         data = {**data, "requests": repo.backend.snapshot()}  # request counts are the bill
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
+    try:
+        print(json.dumps(data, indent=2, default=str) if args.json else text)
+    except OSError as exc:  # the reader left, or the disk is full: the command still ends as it would
+        _discard_stdout()
+        args.output_error = exc
 
 
 def _report_requests(args: argparse.Namespace) -> None:
@@ -738,7 +742,12 @@ class _Stopper:
     def __call__(self, signum: int, frame: object) -> None:
         # Not ``stop.set()`` here: the handler runs in the main thread, which may be inside
         # ``stop.wait()`` holding the event's lock, and set() would wait on it forever.
-        threading.Thread(target=self.stop.set, name="stop-request", daemon=True).start()
+        if sys.is_finalizing():
+            return  # exiting anyway
+        try:
+            threading.Thread(target=self.stop.set, name="stop-request", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (a task limit): stop the hard way
+            raise KeyboardInterrupt from exc
         if self.starting:
             self.starting = False  # once: the handler of this stop must not be interrupted
             raise _StoppedStarting(signal.Signals(signum).name)
@@ -777,6 +786,8 @@ def _prepare_run(args: argparse.Namespace) -> tuple[scheduler.Jobs, scheduler.Sc
                           select=SnapshotFilter(host, display(os.fsencode(data_dir.absolute()))),
                           metrics_file=_metrics_file(args))
 
+    write_line = _StdoutLog()
+
     def log(event: dict[str, Any]) -> None:
         event = {"time": _now().isoformat(timespec="seconds"), **event}
         if args.log_json:
@@ -785,27 +796,37 @@ def _prepare_run(args: argparse.Namespace) -> tuple[scheduler.Jobs, scheduler.Sc
             details = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("time", "event", "ok"))
             state = "" if "ok" not in event else " ok" if event["ok"] else " FAILED"
             line = f"{event['time']} {event['event']}{state} {details}".rstrip()
-        _log_line(line)
+        write_line(line)
 
     return jobs, schedule, _cache_root(args) / repo.config.repo_id, log
 
 
-def _log_line(line: str) -> None:
-    """One line on stdout, written straight to the descriptor: a line that cannot be
-    written is lost rather than left in a buffer that every later line, and the flush at
-    exit, would fail on again. The scheduler outlives its log."""
-    if sys.stdout is None:  # started with stdout closed: nowhere to log
-        return
-    whole = data = (line + "\n").encode(sys.stdout.encoding or "utf-8", "backslashreplace")
-    try:
-        while data:
-            data = data[os.write(sys.stdout.fileno(), data):]
-    except BrokenPipeError:  # the reader is gone for good: backups go on unlogged
-        _discard_stdout()
-    except OSError:  # a full disk under a redirected log: this line is lost, the next may fit
-        if len(data) < len(whole):  # half of it went out: end it, or the next line joins it
-            with contextlib.suppress(OSError):
-                os.write(sys.stdout.fileno(), b"\n")
+class _StdoutLog:
+    """The scheduler's log on stdout, one line per event, written straight to the
+    descriptor: a line that cannot be written is lost rather than left in a buffer that
+    every later line, and the flush at exit, would fail on again. The scheduler outlives
+    its log."""
+
+    def __init__(self) -> None:
+        self.newline_owed = False  # a line went out in part: the next must start afresh
+
+    def __call__(self, line: str) -> None:
+        if sys.stdout is None:  # started with stdout closed: nowhere to log
+            return
+        data = (b"\n" if self.newline_owed else b"") + (line + "\n").encode(
+            sys.stdout.encoding or "utf-8", "backslashreplace")
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(sys.stdout.fileno(), data[written:])
+        except BrokenPipeError:  # the reader is gone for good: backups go on unlogged
+            _discard_stdout()
+        except OSError:  # a full disk under a redirected log: this line is lost, the next may fit
+            pass
+        if written == len(data):
+            self.newline_owed = False
+        elif written:  # a fragment went out; owed unless it ends with a newline (the one owed)
+            self.newline_owed = not data[:written].endswith(b"\n")
 
 
 def _discard_stdout() -> None:
@@ -1075,7 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
-    return _settle_stdout(_dispatch(args))
+    return _settle_stdout(args, _dispatch(args))
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -1100,24 +1121,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         return errors.EXIT_BROKEN_PIPE
 
 
-def _settle_stdout(code: int) -> int:
-    """Flush stdout now, not at exit, where a failure turns any exit code into 120: a
-    reader that left (``| head``) makes a success 141 and leaves a failure's code as it
-    is (a probe must still see ``status``'s 22); a full disk under a redirect is an
-    error of its own."""
-    if sys.stdout is None:  # started with stdout closed: nothing was written
+def _settle_stdout(args: argparse.Namespace, code: int) -> int:
+    """Flush stdout now, not at exit, where a failure turns any exit code into 120. Output
+    that could not be written leaves a failed command's code as it is (a probe must still
+    see ``status``'s 22, and its error line is the one line); a success cut short by its
+    reader (``| head``) is 141, by a full disk an error of its own."""
+    error: OSError | None = getattr(args, "output_error", None)
+    if error is None and sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except OSError as exc:
+            _discard_stdout()
+            error = exc
+    if error is None or code != 0:
         return code
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _discard_stdout()
-        return code or errors.EXIT_BROKEN_PIPE
-    except OSError as exc:
-        _discard_stdout()
-        with contextlib.suppress(OSError):
-            print(f"clubsnap: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
-        return code or (errors.StorageFull.exit_code if exc.errno == errno.ENOSPC else 1)
-    return code
+    if isinstance(error, BrokenPipeError):
+        return errors.EXIT_BROKEN_PIPE
+    with contextlib.suppress(OSError):
+        print(f"clubsnap: cannot write the output: {error.strerror or error}", file=sys.stderr)
+    return errors.StorageFull.exit_code if error.errno == errno.ENOSPC else 1
 
 
 if __name__ == "__main__":

@@ -127,16 +127,21 @@ def test_repository_path_that_is_a_file(cli: Cli, tmp_path: Path) -> None:
     _one_line_error(cli("snapshots", repo=tmp_path / "file"), 13, "Not a directory")
 
 
-def test_output_nobody_can_take_keeps_the_exit_code(cli: Cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("buffered", [True, False])
+def test_output_nobody_can_take_keeps_the_exit_code(cli: Cli, tmp_path: Path, buffered: bool) -> None:
     """stdout closed, cut off by its reader, or on a full disk: a command's own exit code
     stands (a probe must see status's 22), a success cut short is 141, and output lost to a
-    full disk is an error of its own; never "Exception ignored" and exit 120 at exit."""
+    full disk is an error of its own; never "Exception ignored" and exit 120 at exit. The
+    write fails at the flush when output is buffered, inside the command when it is not
+    (PYTHONUNBUFFERED, as containers often set it, or output larger than the buffer)."""
     import sys
     from engine.errors import EXIT_BROKEN_PIPE, StorageFull, Unhealthy
     from .conftest import ROOT
     repo = tmp_path / "repo"
     assert cli("init", repo=repo).returncode == 0
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output buffered, as usual
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     env.update(CLUBSNAP_CACHE_DIR=str(tmp_path / "cli-cache"), PYTHONPATH=str(ROOT), CLUBSNAP_REPO=str(repo))
 
     def clubsnap(stdout: int | object, *args: str, closed: bool = False) -> subprocess.CompletedProcess[str]:
@@ -154,6 +159,32 @@ def test_output_nobody_can_take_keeps_the_exit_code(cli: Cli, tmp_path: Path) ->
     assert clubsnap(writer, "status").returncode == EXIT_BROKEN_PIPE
     os.close(writer)
     with open("/dev/full", "w") as full:
-        unhealthy = clubsnap(full, "status", "--max-age", "1h")
-        assert unhealthy.returncode == Unhealthy.exit_code and "Exception" not in unhealthy.stderr
+        _one_line_error(clubsnap(full, "status", "--max-age", "1h"), Unhealthy.exit_code, "no snapshot")
         _one_line_error(clubsnap(full, "status"), StorageFull.exit_code, "cannot write the output")
+
+
+RUN_LOG_ON_A_FILLING_DISK = """
+import os, resource, signal, sys
+from engine.cli import _StdoutLog
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG instead
+log = _StdoutLog()
+log("first line")
+resource.setrlimit(resource.RLIMIT_FSIZE, (20, resource.RLIM_INFINITY))  # the disk fills mid-line
+log("second line that does not fit")
+log("third line, nothing of it fits")
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)  # space is freed
+log("fourth line")
+"""
+
+
+def test_a_run_log_line_cut_by_a_full_disk_is_ended_before_the_next(tmp_path: Path) -> None:
+    """A line half written when the disk filled must not swallow the next one: each
+    ``--log-json`` record stays a line of its own."""
+    import sys
+    from .conftest import ROOT
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        done = subprocess.run([sys.executable, "-c", RUN_LOG_ON_A_FILLING_DISK], stdout=out, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert log.read_text() == "first line\nsecond li\nfourth line\n"  # 20 bytes, then space again
