@@ -318,7 +318,7 @@ def _filter(args: argparse.Namespace) -> SnapshotFilter | None:
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
     select = _filter(args)
-    snaps = [s for s in _open(args).snapshots() if select is None or select.matches(s)]
+    snaps = _open(args).snapshots(select)
     rows = [{"id": s.id.hex(), "short_id": s.id.short(), "time": s.time.isoformat(),
              "host": s.record.get("host"), "source": s.record.get("source"), "tags": s.tags,
              "parent": s.record["parent"].hex() if s.record.get("parent") else None,
@@ -1116,9 +1116,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("clubsnap: interrupted", file=sys.stderr)
         return errors.EXIT_INTERRUPTED
-    except BrokenPipeError:  # `clubsnap snapshots | head`: the reader has what it wanted
-        _discard_stdout()
-        return errors.EXIT_BROKEN_PIPE
 
 
 def _settle_stdout(args: argparse.Namespace, code: int) -> int:

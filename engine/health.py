@@ -127,9 +127,7 @@ def verified_matches(record: dict[str, Any], select: SnapshotFilter | None, know
         return True
     if "snapshot_source" not in record:
         return str(record.get("snapshot")) in known
-    return ((select.host is None or record.get("snapshot_host") == select.host)
-            and (select.source is None or record.get("snapshot_source") == select.source)
-            and set(select.tags) <= set(record.get("snapshot_tags") or ()))
+    return select.admits(record.get("snapshot_host"), record.get("snapshot_source"), record.get("snapshot_tags") or ())
 
 
 @dataclass
@@ -154,7 +152,7 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
         keys = repo.snapshot_keys()
         count, newest, known = len(keys), repo.load_snapshot(keys[-1][2]) if keys else None, frozenset[str]()
     else:
-        matching = [snap for snap in repo.snapshots() if select.matches(snap)]
+        matching = repo.snapshots(select)
         count, newest = len(matching), matching[-1] if matching else None
         known = frozenset(snap.id.hex() for snap in matching)
     verification = latest_verification(repo, select, known)

@@ -92,9 +92,13 @@ class SnapshotFilter:
     tags: tuple[str, ...] = ()
 
     def matches(self, snap: SnapshotInfo) -> bool:
-        return ((self.host is None or snap.record.get("host") == self.host)
-                and (self.source is None or snap.record.get("source") == self.source)
-                and set(self.tags) <= set(snap.tags))
+        return self.admits(snap.record.get("host"), snap.record.get("source"), snap.tags)
+
+    def admits(self, host: Any, source: Any, tags: Iterable[str]) -> bool:
+        """Whether a snapshot of this host, source and tags matches (also as another
+        record, a verification's, names them)."""
+        return ((self.host is None or host == self.host) and (self.source is None or source == self.source)
+                and set(self.tags) <= set(tags))
 
     def describe(self) -> str:
         parts = ([f"of host {self.host}"] if self.host else []) + ([f"of {self.source}"] if self.source else []) \
@@ -602,9 +606,10 @@ class Repository:
             self.catalog.add_snapshot(key, bytes(snap_id), _time_us(time), record, data)
         return SnapshotInfo(snap_id, key, time, record)
 
-    def snapshots(self) -> list[SnapshotInfo]:
-        """All snapshots, oldest first: one LIST, and for records not cached, the newest
-        summary, then a GET for each record it lacks (in parallel)."""
+    def snapshots(self, select: SnapshotFilter | None = None) -> list[SnapshotInfo]:
+        """All snapshots (those ``select`` matches), oldest first: one LIST, and for
+        records not cached, the newest summary, then a GET for each record it lacks (in
+        parallel)."""
         keys = self.snapshot_keys()
         cached = self.catalog.snapshot_keys()
         self.catalog.remove_snapshots(cached - {key for _, _, key in keys})
@@ -614,7 +619,8 @@ class Repository:
         if len(missing) > 1 and self.backend.concurrency > 1:
             with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="records") as pool:
                 list(pool.map(self._load_if_present, sorted(missing)))
-        return [snap for snap in map(self._load_if_present, (key for _, _, key in keys)) if snap is not None]
+        return [snap for snap in map(self._load_if_present, (key for _, _, key in keys))
+                if snap is not None and (select is None or select.matches(snap))]
 
     def _load_if_present(self, key: str) -> SnapshotInfo | None:
         """A listed record, or None if it was deleted since the listing (forgotten)."""

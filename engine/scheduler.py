@@ -296,7 +296,7 @@ def _last_verdicts(jobs: Jobs, metrics: RunMetrics) -> None:
     consistent, from the repository: a restart must not clear an alert on either until
     the next snapshot or verify."""
     try:
-        own = [snap for snap in jobs.repo.snapshots() if jobs.select is None or jobs.select.matches(snap)]
+        own = jobs.repo.snapshots(jobs.select)
         record = latest_verification(jobs.repo, jobs.select, frozenset(snap.id.hex() for snap in own))
     except (EngineError, OSError, sqlite3.Error):
         return  # unknown, left out; the first job's failure, if it persists, is logged
@@ -359,7 +359,7 @@ def _forget_and_prune(jobs: Jobs, stop: threading.Event) -> dict[str, Any]:
     if policy is None:
         return {"skipped": "no retention policy (configuration file [retention], or 'clubsnap policy set')"}
     # Only its own registry's snapshots: another host's are its own run's to thin, by its policy.
-    own = [snap for snap in jobs.repo.snapshots() if jobs.select is None or jobs.select.matches(snap)]
+    own = jobs.repo.snapshots(jobs.select)
     doomed = [snap for group in plan_forget(own, policy) for snap in group.removed]
     remove_snapshots(jobs.repo, doomed)
     report = prune(jobs.repo, replace(jobs.prune_options, stop=stop))  # SIGTERM ends its wait

@@ -144,8 +144,14 @@ def _stopped_on_read_only_mount(database: str) -> bool:
         wal_size = os.path.getsize(database + "-wal")
     except FileNotFoundError:
         wal_size = 0
-    return (wal_size == 0 and not os.path.exists(database + "-shm") and _wal_file(database)
-            and not os.access(os.path.dirname(database) or ".", os.W_OK))
+    return wal_size == 0 and _wal_without_index_read_only(database)
+
+
+def _wal_without_index_read_only(database: str) -> bool:
+    """A WAL database without its ``-shm`` index, in a directory this process cannot
+    write: SQLite cannot open it the usual way, for it would have to create the index."""
+    return (not os.path.exists(database + "-shm") and not os.access(os.path.dirname(database) or ".", os.W_OK)
+            and _wal_file(database))
 
 
 def _stopped_state(database: str) -> tuple[Any, ...]:
@@ -206,8 +212,7 @@ def _explain(exc: sqlite3.Error, database: str) -> str:
     if "readonly" in str(exc) and not os.access(database, os.W_OK):
         return (f"{exc}: commits kept landing while the read transaction was pinned, and sealing it (a "
                 f"sub-millisecond write lock) needs write access, which a read-only mount does not give")
-    if ("unable to open" in str(exc) and not os.path.exists(database + "-shm")
-            and not os.access(os.path.dirname(database) or ".", os.W_OK) and _wal_file(database)):
+    if "unable to open" in str(exc) and _wal_without_index_read_only(database):
         # SQLite reads a WAL database only through its -shm index, which it cannot create
         # on a read-only mount. Without one, a non-empty -wal is a crashed club's.
         return (f"{exc}: its -wal holds transactions but there is no -shm index, and a read-only mount "
