@@ -18,9 +18,20 @@ from .errors import EngineError
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
-# 2: files.etag (bucket sources), the tree cache; 3: snapshots.sealed; 4: garbage records
-SCHEMA_VERSION = 4
+# 2: files.etag (bucket sources), the tree cache; 3: snapshots.sealed; 4: garbage records;
+# 5: damage records
+SCHEMA_VERSION = 5
 LOOKUP_BATCH = 500  # ids per SELECT … IN (…)
+
+
+# A blob's location counts as stored unless a damage record names it (format §6.14).
+_INTACT = "NOT EXISTS (SELECT 1 FROM damaged d WHERE d.id = blobs.id AND d.pack = blobs.pack)"
+# An index entry takes the place of one the catalog holds only where that one is damaged
+# and the new one is not: a snapshot that stored a damaged blob again heals it for readers.
+_REPLACE_DAMAGED = (
+    "ON CONFLICT (id) DO UPDATE SET type = excluded.type, pack = excluded.pack, offset = excluded.offset, "
+    "length = excluded.length, raw_length = excluded.raw_length WHERE " + _INTACT.replace("NOT EXISTS", "EXISTS")
+    + " AND NOT EXISTS (SELECT 1 FROM damaged d WHERE d.id = excluded.id AND d.pack = excluded.pack)")
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ class Catalog:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 version = self._schema_version()
-                if version in ("1", "2", "3"):  # keep the files cache: losing it costs a full read
+                if version in ("1", "2", "3", "4"):  # keep the files cache: losing it costs a full read
                     self._upgrade(version)
                 elif version != str(SCHEMA_VERSION):
                     self._create_tables()
@@ -80,6 +91,7 @@ class Catalog:
         if version in ("1", "2"):
             self._conn.execute("ALTER TABLE snapshots ADD COLUMN sealed BLOB")
         self._create_garbage_tables()
+        self._create_damage_tables()
         self.set_meta("schema", str(SCHEMA_VERSION))
 
     def _create_tables(self) -> None:
@@ -103,6 +115,7 @@ class Catalog:
                                   "ctime_ns": int, "inode": int, "chunks": bytes, "etag": str},
                                  pk=("source", "path"))
         self._create_garbage_tables()
+        self._create_damage_tables()
         self.set_meta("schema", str(SCHEMA_VERSION))
 
     def _create_garbage_tables(self) -> None:
@@ -120,6 +133,19 @@ class Catalog:
             CREATE TABLE IF NOT EXISTS listing (name TEXT PRIMARY KEY);
         """
         for statement in statements.split(";"):  # not executescript: it would commit a migration's transaction
+            if statement.strip():
+                self._conn.execute(statement)
+
+    def _create_damage_tables(self) -> None:
+        """Blobs known damaged where they are (docs/format.md §6.14): a location listed
+        here does not count as stored, so the next snapshot stores the blob again."""
+        statements = """
+            CREATE TABLE IF NOT EXISTS damage_objects (name TEXT PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS damaged_packs (pack BLOB, record TEXT, missing INTEGER,
+                                                      PRIMARY KEY (pack, record));
+            CREATE TABLE IF NOT EXISTS damaged (id BLOB, pack BLOB, record TEXT, PRIMARY KEY (id, pack, record));
+        """
+        for statement in statements.split(";"):
             if statement.strip():
                 self._conn.execute(statement)
 
@@ -186,7 +212,7 @@ class Catalog:
             self._conn.executemany("INSERT OR REPLACE INTO packs VALUES (?, ?)",
                                       [(bytes(p), s) for p, s in packs.items()])
             self._conn.executemany(
-                "INSERT OR IGNORE INTO blobs VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO blobs VALUES (?, ?, ?, ?, ?, ?) {_REPLACE_DAMAGED}",
                 [(bytes(e.id), int(e.type), bytes(e.pack), e.offset, e.length, e.raw_length) for e in entries])
             self._conn.execute("INSERT OR IGNORE INTO index_objects VALUES (?)", [name])
         return True
@@ -198,7 +224,8 @@ class Catalog:
             self._next_listing(())  # and no slow reader adds what it had read before
 
     def _clear_index(self) -> None:
-        for table in ("index_objects", "packs", "blobs", "garbage_objects", "condemned_packs", "condemned_blobs"):
+        for table in ("index_objects", "packs", "blobs", "garbage_objects", "condemned_packs", "condemned_blobs",
+                      "damage_objects", "damaged_packs", "damaged"):
             self._conn.execute(f"DELETE FROM {table}")
 
     def copy_index(self, blobs_table: str, packs_table: str) -> set[str]:
@@ -305,17 +332,76 @@ class Catalog:
         return found
 
     def has_blob(self, blob_id: bytes) -> bool:
+        """Whether the index places the blob somewhere not known damaged."""
         with self._lock:
-            return self._conn.execute("SELECT 1 FROM blobs WHERE id=?", [blob_id]).fetchone() is not None
+            return self._conn.execute(f"SELECT 1 FROM blobs WHERE id=? AND {_INTACT}", [blob_id]).fetchone() is not None
 
     def which_exist(self, ids: list[ChunkId]) -> set[bytes]:
+        """The ids among ``ids`` stored intact as far as is known (``has_blob`` for many)."""
         found: set[bytes] = set()
         with self._lock:
             for start in range(0, len(ids), LOOKUP_BATCH):
                 batch = ids[start:start + LOOKUP_BATCH]
                 found.update(row[0] for row in self._conn.execute(
-                    f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(batch))})", batch))
+                    f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(batch))}) AND {_INTACT}", batch))
         return found
+
+    # ---- damage records (docs/format.md §6.14) -----------------------------------------
+
+    def damage_names(self) -> set[str]:
+        with self._lock:
+            return {row[0] for row in self._conn.execute("SELECT name FROM damage_objects")}
+
+    def add_damage(self, name: str, packs: dict[PackId, tuple[list[ChunkId], bool]]) -> None:
+        """Record one damage record: per pack, its damaged blobs and whether it is missing."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR IGNORE INTO damaged_packs VALUES (?, ?, ?)",
+                                   [(bytes(p), name, int(missing)) for p, (_, missing) in packs.items()])
+            self._conn.executemany("INSERT OR IGNORE INTO damaged VALUES (?, ?, ?)",
+                                   [(bytes(b), bytes(p), name) for p, (blobs, _) in packs.items() for b in blobs])
+            self._conn.execute("INSERT OR IGNORE INTO damage_objects VALUES (?)", [name])
+
+    def remove_damage(self, names: Iterable[str]) -> None:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
+            for name in names:
+                for table, column in (("damaged", "record"), ("damaged_packs", "record"), ("damage_objects", "name")):
+                    self._conn.execute(f"DELETE FROM {table} WHERE {column}=?", [name])
+
+    def damaged_packs(self) -> dict[PackId, bool]:
+        """Packs some damage record names, and whether one says the pack is missing."""
+        with self._lock:
+            return {PackId(row[0]): bool(row[1]) for row in self._conn.execute(
+                "SELECT pack, MAX(missing) FROM damaged_packs GROUP BY pack")}
+
+    def damaged_blobs(self) -> dict[ChunkId, set[PackId]]:
+        """Blob ids known damaged, with the packs where they are."""
+        found: dict[ChunkId, set[PackId]] = {}
+        with self._lock:
+            for blob_id, pack in self._conn.execute("SELECT DISTINCT id, pack FROM damaged"):
+                found.setdefault(ChunkId(blob_id), set()).add(PackId(pack))
+        return found
+
+    def damage_by_record(self) -> dict[str, set[PackId]]:
+        """The packs each damage record names."""
+        found: dict[str, set[PackId]] = {name: set() for name in self.damage_names()}
+        with self._lock:
+            for pack, name in self._conn.execute("SELECT pack, record FROM damaged_packs"):
+                found.setdefault(name, set()).add(PackId(pack))
+        return found
+
+    def damage_known(self, blob_id: bytes, pack: bytes) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM damaged WHERE id=? AND pack=?",
+                                      [blob_id, pack]).fetchone() is not None
+
+    def unhealed_blobs(self) -> int:
+        """Damaged blobs the index still places only where they are damaged."""
+        with self._lock:
+            row = self._conn.execute("SELECT COUNT(DISTINCT b.id) FROM blobs b JOIN damaged d "
+                                     "ON d.id = b.id AND d.pack = b.pack").fetchone()
+        return int(row[0])
 
     def packs(self) -> dict[PackId, int]:
         with self._lock:

@@ -39,6 +39,7 @@ from .forget import (
     snapshots_by_ids, zone_named,
 )
 from .prune import PruneOptions, PruneReport, prune
+from . import repair
 from .retention import PERIODS, Duration, Policy
 from .crypto import SCHEME
 from .format import KEYS_PREFIX, display
@@ -195,6 +196,17 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
     except OSError as exc:  # the reader left, or the disk is full: the command still ends as it would
         _discard_stdout()
         args.output_error = exc
+
+
+def _report_passed_over(args: argparse.Namespace) -> None:
+    """One warning line for each damaged index object or snapshot record a command passed
+    over (``check`` reports them as errors of its own)."""
+    repo = getattr(args, "repository", None)
+    if repo is None or args.command == "check":
+        return
+    with contextlib.suppress(OSError):
+        for reason in repo.damaged_objects.values():
+            print(f"warning: {reason}", file=sys.stderr)
 
 
 def _report_requests(args: argparse.Namespace) -> None:
@@ -505,7 +517,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if status.age is not None else None, "size": size,
                 "partial": bool(newest.record.get("partial")),
                 "consistent": newest.record.get("verified", {}).get("consistent")},
-            "last_verify": status.verification,
+            "last_verify": status.verification, "last_check": status.check,
             "last_verify_age_s": round(status.verify_age.total_seconds()) if status.verify_age is not None else None}
     _emit(args, data, _status_text(repo, status, size, select))
     if not status.healthy:
@@ -535,6 +547,10 @@ def _status_text(repo: Repository, status: Status, size: int, select: SnapshotFi
                      f"{'consistent' if verification.get('ok') else 'INCONSISTENT'}")
     else:
         lines.append(f"last verify: never (run 'clubsnap verify latest{_filter_options(select)}')")
+    check = status.check
+    if check is not None:
+        lines.append(f"last check: {check.get('time')}{' with data read back' if check.get('read_data') else ''}: "
+                     f"{'no errors' if check.get('ok') else str(check.get('error_count')) + ' error(s)'}")
     lines.append("OK" if status.healthy else "UNHEALTHY: " + "; ".join(status.problems))
     return "\n".join(lines)
 
@@ -553,6 +569,59 @@ def cmd_stats(args: argparse.Namespace) -> int:
     stats = repository_stats(_open(args))
     _emit(args, stats, "\n".join(f"{k}: {v}" for k, v in stats.items()))
     return 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    repo = _open(args)
+    if args.repair_command == "index":
+        report = repair.repair_index(repo, dry_run=args.dry_run)
+    elif args.repair_command == "packs":
+        report = repair.repair_packs(repo, args.pack_ids, dry_run=args.dry_run)
+    else:
+        report = repair.repair_snapshots(repo, dry_run=args.dry_run, now=_now)
+    _emit(args, report.to_dict(), _repair_text(args.repair_command, report))
+    return 0
+
+
+def _repair_text(what: str, report: repair.RepairReport) -> str:
+    would = "would " if report.dry_run else ""
+    lines = [f"warning: {w}" for w in report.warnings]
+    if what == "index":
+        lines += [f"damaged, passed over: {key}" for key in report.damaged_index_objects]
+        lines += [f"dropped (missing from storage): {key}" for key in report.packs_dropped]
+        lines += [f"cannot be indexed (no index names it, trailer damaged): {p}" for p in report.packs_unreadable]
+        lines.append(f"repair index: {len(report.damaged_index_objects)} damaged index object(s), "
+                     f"{report.packs_from_trailers} pack(s) {'would be ' if report.dry_run else ''}indexed from "
+                     f"their trailers, {len(report.packs_dropped)} missing pack(s) "
+                     f"{'would be ' if report.dry_run else ''}dropped"
+                     + ("" if report.dry_run else f"; wrote {report.index_objects_written} index object(s), "
+                                                  f"deleted {report.index_objects_deleted}"))
+    elif what == "packs":
+        if not report.packs_repaired:
+            return "\n".join(lines + ["repair packs: no damaged pack is known (run 'clubsnap check --read-data')"])
+        lines += [f"damaged: {key}" for key in report.packs_repaired]
+        lines += [f"unrecoverable: {name}" for name in report.unrecoverable[:repair.MAX_LISTED]]
+        if len(report.unrecoverable) > repair.MAX_LISTED:
+            lines.append(f"  … and {len(report.unrecoverable) - repair.MAX_LISTED} more (--json lists every one)")
+        lines.append(f"repair packs: {len(report.packs_repaired)} pack(s): {report.blobs_salvaged} blob(s) "
+                     f"{'would be ' if report.dry_run else ''}salvaged into new packs, {report.blobs_lost} lost"
+                     + ("" if report.dry_run else f"; {report.packs_deleted} damaged pack(s) deleted"
+                        + (f", {report.packs_pending} left for the next prune (processes were running)"
+                           if report.packs_pending else "")))
+        if report.unrecoverable:
+            lines.append(f"{len(report.unrecoverable)} file(s) cannot be restored from any copy: "
+                         f"'clubsnap repair snapshots' replaces their snapshots with ones that lack them")
+    else:
+        lines += [f"{would}remove {key}" for key in report.records_removed]
+        lines += [f"{would}put back from a summary: {key}" for key in report.records_recovered]
+        for entry in report.records_replaced:
+            lines.append(f"{would}replace {entry['id'][:8]}{' by ' + entry['new_id'][:8] if 'new_id' in entry else ''} "
+                         f"({entry['time']}) without {entry['removed_count']} file(s): "
+                         + ", ".join(entry["removed"][:10]) + (" …" if entry["removed_count"] > 10 else ""))
+        lines.append(f"repair snapshots: {len(report.records_removed)} record(s) {would}removed, "
+                     f"{len(report.records_recovered)} {would}put back, {len(report.records_replaced)} "
+                     f"{would}replaced")
+    return "\n".join(lines)
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
@@ -608,7 +677,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if args.snapshot_ids:
         if stored is not None:
             raise errors.UsageError("give snapshot ids or --keep-* rules, not both")
-        doomed = snapshots_by_ids(snapshots, args.snapshot_ids)
+        doomed = snapshots_by_ids(snapshots + repo.unreadable_snapshots(), args.snapshot_ids)
         lines, groups = [f"remove  {s.id.short()}  {s.time.astimezone():%Y-%m-%d %H:%M:%S %Z}" for s in doomed], []
     else:
         stored = stored or _config(args).retention or load_policy(repo)
@@ -1071,6 +1140,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("config", cmd_config, "show the settings in effect and where each comes from (secrets masked)")
     p.add_argument("config_command", choices=("show",))
     add("stats", cmd_stats, "repository statistics")
+    p = add("repair", cmd_repair, "heal what check found: rebuild the index, salvage damaged packs, replace "
+                                  "snapshots that need lost data")
+    repair_sub = p.add_subparsers(dest="repair_command", required=True)
+    for name, text in (("index", "rebuild the index from the packs, passing over damaged index objects"),
+                       ("packs", "copy the intact blobs of damaged packs into new packs, then delete the damaged "
+                                 "ones, naming the files that remain unrecoverable"),
+                       ("snapshots", "remove unreadable snapshot records; replace those whose files need lost "
+                                     "data by ones without those files")):
+        q = repair_sub.add_parser(name, parents=[common], help=text, description=text)
+        q.add_argument("--dry-run", action="store_true", help="say what would be done, write nothing")
+        if name == "packs":
+            q.add_argument("pack_ids", nargs="*", metavar="PACK",
+                           help="also repair these packs (id or unique prefix), beside those damage records name")
     p = add("cache", cmd_cache, "manage the local catalog")
     p.add_argument("--rebuild", action="store_true", required=True, help="rebuild the catalog from the repository")
     p.add_argument("--from-packs", action="store_true", help="also index packs no index object names")
@@ -1104,9 +1186,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         _config(args)  # a bad configuration file fails every command, even one it would not serve
         code: int = args.func(args)
+        _report_passed_over(args)
         _report_requests(args)
         return code
     except errors.EngineError as exc:
+        _report_passed_over(args)
         _report_requests(args)
         print(f"clubsnap: {exc}", file=sys.stderr)
         return exc.exit_code

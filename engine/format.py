@@ -55,6 +55,8 @@ class Kind(IntEnum):
     GARBAGE = 8
     POLICY = 9
     VERIFICATION = 10
+    DAMAGE = 11
+    CHECK = 12
 
 
 class Flag(IntFlag):
@@ -246,6 +248,8 @@ LOCKS_PREFIX = "locks/"
 GARBAGE_PREFIX = "garbage/"
 POLICY_PREFIX = "policies/"
 VERIFICATION_PREFIX = "verifications/"
+DAMAGE_PREFIX = "damage/"
+CHECK_PREFIX = "checks/"
 SNAPSHOT_STAMP = "%Y%m%dT%H%M%S.%fZ"
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import msgpack
 
+from . import damage
 from .clubcheck import ClubReport, check_club
 from .errors import BackendError, EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat
-from .format import CONFIG_KEY, SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
+from .format import CONFIG_KEY, INDEX_PREFIX, SNAPSHOT_STAMP, VERIFICATION_PREFIX, Kind, digest, open_object, seal_object
 from .repository import Repository, SnapshotFilter, SnapshotInfo
 from .restore import apply_restore, plan_restore
 from .timespec import recorded_time
@@ -138,6 +139,8 @@ class Status:
     verification: dict[str, Any] | None
     verify_age: timedelta | None = None  # since the last verify ran
     problems: list[str] = field(default_factory=list)  # why the backup is not healthy
+    check: dict[str, Any] | None = None  # the last check's record (format §6.15)
+    damage_warnings: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -148,9 +151,10 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
                       select: SnapshotFilter | None = None, max_verify_age: timedelta | None = None) -> Status:
     """The newest snapshot (of those ``select`` matches) and the last verification of
     one, judged against ``max_age`` and ``max_verify_age``."""
-    if select is None:  # one LIST, no record read
+    if select is None:  # one LIST, and the newest readable record
         keys = repo.snapshot_keys()
-        count, newest, known = len(keys), repo.load_snapshot(keys[-1][2]) if keys else None, frozenset[str]()
+        newest = next(filter(None, map(repo.snapshot_if_readable, (key for _, _, key in reversed(keys)))), None)
+        count, known = len(keys), frozenset[str]()
     else:
         matching = repo.snapshots(select)
         count, newest = len(matching), matching[-1] if matching else None
@@ -161,7 +165,27 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
                     now - verified_at if verified_at is not None else None)
     _judge_snapshot(status, max_age, select)
     _judge_verification(status, max_verify_age, select)
+    _judge_repository(repo, status)
     return status
+
+
+def _judge_repository(repo: Repository, status: Status) -> None:
+    """Damage known and not yet repaired, a last check that failed, objects this status
+    had to pass over: each makes the backup unhealthy until healed and checked clean."""
+    status.damage_warnings = damage.sync_damage(repo.backend, repo.cipher, repo.catalog)
+    damaged = repo.catalog.damaged_packs()
+    if damaged:
+        unhealed = repo.catalog.unhealed_blobs()
+        status.problems.append(f"{len(damaged)} pack(s) are recorded as damaged ({unhealed} blob(s) without an "
+                               f"intact copy): take a snapshot, then run 'clubsnap repair packs'")
+    status.check = damage.latest_check(repo.backend, repo.cipher)
+    if status.check is not None and not status.check.get("ok"):
+        first = (status.check.get("errors") or ["?"])[0]
+        status.problems.append(f"the last check ({status.check.get('time')}) found {status.check.get('error_count')} "
+                               f"error(s), first: {first}")
+    for key in sorted(repo.damaged_objects):
+        repair = "repair index" if key.startswith(INDEX_PREFIX) else "repair snapshots"
+        status.problems.append(f"{key} is damaged: run 'clubsnap {repair}'")
 
 
 def _judge_snapshot(status: Status, max_age: timedelta | None, select: SnapshotFilter | None) -> None:

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator
 
-from . import locks
+from . import damage, locks
 from .errors import IntegrityError, ObjectNotFound, RepositoryLocked, UnsupportedFormat
 from .format import (
-    DATA_PREFIX, GARBAGE_PREFIX, ID_SIZE, BlobType, ChunkId, Kind, PackId, decode_blob, digest, index_key,
+    DATA_PREFIX, GARBAGE_PREFIX, ID_SIZE, BlobType, ChunkId, Kind, PackId, digest, index_key,
     pack_key, seal_object, unpack_record,
 )
 from .packs import BlobEntry, read_trailer
@@ -113,6 +113,17 @@ def prune(repo: Repository, options: PruneOptions) -> PruneReport:
             repo.held_lock = None
 
 
+def _refuse_beside_damaged_objects(repo: Repository) -> None:
+    """A damaged index object hides where its blobs are, a damaged snapshot record what
+    it uses: prune would take both for garbage and delete data that a repair could still
+    bring back. Repair first."""
+    if repo.damaged_objects:
+        key, reason = next(iter(sorted(repo.damaged_objects.items())))
+        repair = "repair index" if key.startswith("index/") else "repair snapshots"
+        raise IntegrityError(f"prune refused: {len(repo.damaged_objects)} damaged index object(s) or snapshot "
+                             f"record(s), first {key}; run 'clubsnap {repair}' first")
+
+
 def _refuse_concurrent_prune(repo: Repository, own: locks.Lock) -> None:
     others, _ = locks.live_locks(repo.backend, repo.cipher, ("prune",))
     others = [lock for lock in others if lock.key != own.key]
@@ -148,7 +159,8 @@ class _Pruner:
         running = self._running_processes()
         snapshots = repo.snapshots()
         listed_index = self._private_index()
-        report.warnings += repo.garbage_warnings
+        _refuse_beside_damaged_objects(repo)
+        report.warnings += repo.garbage_warnings + repo.damage_warnings
         report.index_objects_before = len(listed_index)
         earlier = self._earlier_garbage()
         sweepable = {name for name, (waiting_for, _) in earlier.items() if _may_sweep(waiting_for, running)}
@@ -187,6 +199,7 @@ class _Pruner:
         if garbage:
             self._sweep_new(garbage, {s.key for s in snapshots})
         repo.sync_index()
+        damage.remove_settled(repo.backend, self.catalog)
         report.stale_locks_removed = len(locks.remove_stale(repo.backend, repo.cipher))
         report.freed_bytes -= repo.stats.since(written_before).pack_bytes_written  # net of the repack's packs
         return report
@@ -250,6 +263,9 @@ class _Pruner:
         per_pack = {PackId(row[0]): (row[1], row[2], row[3]) for row in usage}
         pack_type = {PackId(row[0]): row[4] for row in usage}
         candidates = []
+        # A damaged pack still in use is left to 'repair packs' (a repack would stop at its
+        # damaged blob); one nothing uses goes like any other.
+        damaged = set(self.catalog.damaged_packs())
         for pack, size in live.items():
             used_count, used_bytes, garbage = per_pack.get(pack, (0, 0, 0))
             report.used_blobs += used_count
@@ -258,6 +274,8 @@ class _Pruner:
                 plan.condemned[pack] = size
                 report.unused_packs += 1
                 report.unused_bytes += size
+            elif pack in damaged:
+                report.warnings.append(f"{pack_key(pack)} is damaged and still in use: left to 'clubsnap repair packs'")
             elif garbage:
                 candidates.append((garbage / size, pack, size, used_count, used_bytes, garbage))
         # Repack the worst packs first until the garbage left is within the bound.
@@ -274,7 +292,7 @@ class _Pruner:
         # of times: a merged pack stops being small once it reaches a quarter of the target.
         small: dict[int, list[PackId]] = {}
         for pack, size in live.items():
-            if pack not in plan.condemned and size < self.repo.config.pack_size // SMALL_PACK_FRACTION:
+            if pack not in plan.condemned and pack not in damaged and size < self.repo.config.pack_size // SMALL_PACK_FRACTION:
                 small.setdefault(pack_type[pack], []).append(pack)
         for packs in small.values():
             if len(packs) >= 2 and self.options.max_unused != float("inf"):  # unlimited: no repacking at all
@@ -390,7 +408,7 @@ class _Pruner:
                                      f"'clubsnap check' before pruning") from exc
             for entry in entries:
                 stored = data[entry.offset:entry.offset + entry.length]
-                decode_blob(stored, entry.id, key, repo.cipher)  # never copy a damaged blob on
+                repo.decode_or_note(stored, entry, key)  # never copy a damaged blob on (and it is recorded)
                 repo.copy_blob(entry, stored)
             copied += len(entries)
             if number == len(packs) or copied >= USED_BATCH:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from .backend import Backend
 from .backends.metered import MeteredBackend
-from . import keys
+from . import damage, keys
 from .catalog import Catalog
 from .crypto import PLAIN, SCHEME, Cipher
 from .keys import KeySlot
@@ -152,6 +152,12 @@ class Repository:
         # turns this off: it must never come to depend on a condemned pack (format §10).
         self.read_condemned = True
         self.garbage_warnings: list[str] = []  # garbage records the last sync could not read
+        # Index objects and snapshot records met damaged (key -> reason): passed over, so
+        # that one bad object blocks nothing that does not need it; said once each, and
+        # prune refuses to run beside them (their blobs would look unused).
+        self.damaged_objects: dict[str, str] = {}
+        self.damage_warnings: list[str] = []  # damage records the last sync could not read
+        self._unindexed_blobs: dict[ChunkId, BlobEntry] | None = None
         self.index_objects_written: list[str] = []  # by this object, oldest first
         # The lock this object writes under (a snapshot's, a prune's): an index object
         # names packs a prune could have deleted if the lock had lapsed, so it is checked
@@ -265,12 +271,20 @@ class Repository:
         garbage = ({key[len(GARBAGE_PREFIX):] for key, _ in self.backend.list(GARBAGE_PREFIX)}
                    if self.read_condemned else known_garbage)
         listing, cleared = self.catalog.record_listing(present)  # clears if an object it held is gone
+        # Damage first: an index entry replaces a cataloged one only where that is damaged.
+        self.damage_warnings = damage.sync_damage(self.backend, self.cipher, self.catalog)
         known = self.catalog.index_object_names()
         if cleared:
             known_garbage = set()
         try:
             for name in sorted(present - known):
-                if not self._load_index_object(name, listing):
+                try:
+                    loaded = self._load_index_object(name, listing)
+                except (IntegrityError, UnsupportedFormat) as exc:
+                    self._pass_over(INDEX_PREFIX + name, exc, "repair index")
+                    present.discard(name)
+                    continue
+                if not loaded:
                     raise ObjectNotFound(name)  # a newer listing lacks it: deleted meanwhile
         except ObjectNotFound as exc:
             # Listed, then deleted: a prune replaced the index meanwhile. Its new index
@@ -292,19 +306,34 @@ class Repository:
                 self.garbage_warnings.append(str(exc))
         return present
 
+    def _pass_over(self, key: str, exc: EngineError, repair: str) -> None:
+        """Note a damaged index object or snapshot record that is being passed over."""
+        self.damaged_objects[key] = f"{exc}; passed over (run 'clubsnap {repair}')"
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the commands of this object passed over, for the operator."""
+        return self.garbage_warnings + self.damage_warnings + list(self.damaged_objects.values())
+
+    def note_damage(self, findings: dict[PackId, damage.Finding], found_by: str) -> str | None:
+        """Record damage a read found (``engine/damage.py``), so that the next snapshot
+        stores those blobs again; returns the record's key, None if nothing new."""
+        return damage.record_damage(self.backend, self.cipher, self.catalog, findings, found_by,
+                                    datetime.now(timezone.utc))
+
     def read_garbage(self, name: str, catalog: bool = False) -> dict[str, Any]:
         """One garbage record (docs/format.md §10); with ``catalog``, its condemned packs
         are recorded in the catalog too."""
-        record = self._read_named(GARBAGE_PREFIX, Kind.GARBAGE, name)
+        record = self.read_named(GARBAGE_PREFIX, Kind.GARBAGE, name)
         if catalog:
             self.catalog.add_garbage(name, *_packs_and_entries(record))
         return record
 
     def _load_index_object(self, name: str, listing: int) -> bool:
-        record = self._read_named(INDEX_PREFIX, Kind.INDEX, name)
+        record = self.read_named(INDEX_PREFIX, Kind.INDEX, name)
         return self.catalog.add_index(name, *_packs_and_entries(record), listing=listing)
 
-    def _read_named(self, prefix: str, kind: Kind, name: str) -> dict[str, Any]:
+    def read_named(self, prefix: str, kind: Kind, name: str) -> dict[str, Any]:
         """An object named by the hash of its bytes, authenticated (when encrypted) and checked."""
         key = f"{prefix}{name}"
         data = self.backend.get(key)
@@ -497,24 +526,41 @@ class Repository:
     # ---- reading blobs ----------------------------------------------------------------------
 
     def locate(self, blob_id: ChunkId) -> BlobEntry:
-        entry = self._uploaded.get(blob_id) or self.catalog.lookup(blob_id)
-        if entry is None and self.read_condemned:
-            entry = self.catalog.lookup_condemned_many([blob_id]).get(blob_id)
-        if entry is None:
-            raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
-        return entry
+        return self.locate_many([blob_id])[blob_id]
 
     def locate_many(self, blob_ids: Iterable[ChunkId]) -> dict[ChunkId, BlobEntry]:
-        """Where each blob is, in batched index queries; raises for the first one missing."""
+        """Where each blob is, in batched index queries; raises for the first one missing.
+        A reader also looks in condemned packs, and then in the trailers of packs no index
+        names: a damaged index object must not stop a restore of what its packs hold."""
         wanted = list(dict.fromkeys(blob_ids))
         found = {b: self._uploaded[b] for b in wanted if b in self._uploaded}
         found |= self.catalog.lookup_many([b for b in wanted if b not in found])
         if self.read_condemned and len(found) < len(wanted):
             found |= self.catalog.lookup_condemned_many([b for b in wanted if b not in found])
+        if self.read_condemned and len(found) < len(wanted):
+            found |= {b: e for b in wanted if b not in found and (e := self._in_unindexed_packs().get(b)) is not None}
         for blob_id in wanted:
             if blob_id not in found:
                 raise IntegrityError(f"chunk {blob_id.short()} is missing from the repository index")
         return found
+
+    def _in_unindexed_packs(self) -> dict[ChunkId, BlobEntry]:
+        """The blobs of packs that neither the index nor a garbage record names, from their
+        trailers (two ranged reads a pack, once per object): the last resort of a reader."""
+        if self._unindexed_blobs is None:
+            known = set(self.catalog.packs()) | set(self.catalog.condemned_packs())
+            self._unindexed_blobs = {}
+            for key, size in self.backend.list(DATA_PREFIX):
+                pack = PackId.from_hex(key.rsplit("/", 1)[-1])
+                if pack in known:
+                    continue
+                try:
+                    entries = read_trailer(self.backend, pack, size, self.cipher)
+                except EngineError:
+                    continue  # damaged too: check reports it
+                for entry in entries:
+                    self._unindexed_blobs.setdefault(entry.id, entry)
+        return self._unindexed_blobs
 
     def read_blob(self, blob_id: ChunkId) -> bytes:
         entry = self.locate(blob_id)
@@ -526,14 +572,47 @@ class Repository:
                 except IntegrityError:
                     pass  # a damaged cache entry: the pack has the real one
 
-        key = pack_key(entry.pack)
+        if self.catalog.damage_known(blob_id, entry.pack):
+            raise IntegrityError(f"{pack_key(entry.pack)}: {'tree' if entry.type == BlobType.TREE else 'chunk'} "
+                                 f"{blob_id.short()} is recorded as damaged there (run 'clubsnap repair packs')")
         if entry.type == BlobType.TREE:
             return self._read_tree_pack(entry)
+        return self.decode_or_note(self._get_blobs(entry.pack, entry.offset, entry.length, [entry]), entry,
+                                   pack_key(entry.pack))
+
+    def _get_blobs(self, pack: PackId, start: int, length: int, entries: list[BlobEntry]) -> bytes:
+        """A range of a pack holding ``entries``; a pack missing, or too short for the
+        range (truncated), is damage: recorded, and an IntegrityError naming it."""
+        key = pack_key(pack)
         try:
-            stored = self.backend.get(key, entry.offset, entry.length)
+            return self.backend.get(key, start, length)
         except ObjectNotFound as exc:
-            raise IntegrityError(f"{key}: pack missing (needed for chunk {blob_id.short()})") from exc
-        return decode_blob(stored, blob_id, key, self.cipher)
+            raise IntegrityError(f"{key}: pack missing (needed for blob {entries[0].id.short()})") from exc
+        except BackendError as exc:
+            try:
+                size = self.backend.stat(key)
+            except EngineError:
+                raise exc from None
+            if size >= start + length:
+                raise
+            self.note_damage({pack: damage.Finding({e.id for e in entries if e.offset + e.length > size})}, "read")
+            raise IntegrityError(f"{key}: pack truncated to {size} bytes (needed for blob {entries[0].id.short()}; "
+                                 f"recorded as damaged)") from exc
+
+    def decode_or_note(self, stored: bytes | memoryview, entry: BlobEntry, key: str) -> bytes:
+        """Decode a blob read from its pack; one that fails is read once more (a read
+        garbled on its way is no damage), then recorded as damaged before the error goes
+        up: what a read learns must change the next snapshot."""
+        try:
+            return decode_blob(stored, entry.id, key, self.cipher)
+        except IntegrityError as exc:
+            try:
+                return decode_blob(self.backend.get(key, entry.offset, entry.length), entry.id, key, self.cipher)
+            except EngineError:
+                pass
+            self.note_damage({entry.pack: damage.Finding({entry.id})}, "read")
+            raise IntegrityError(f"{exc} (recorded as damaged: the next snapshot stores it again from the source; "
+                                 f"then run 'clubsnap repair packs')") from exc
 
     def _read_tree_pack(self, wanted: BlobEntry) -> bytes:
         """Fetch every tree blob of ``wanted``'s pack in one ranged GET and cache them all:
@@ -543,12 +622,14 @@ class Repository:
         blobs = self.catalog.blobs_in_pack(wanted.pack) or [wanted]
         start, end = min(b.offset for b in blobs), max(b.offset + b.length for b in blobs)
         try:
-            data = self.backend.get(key, start, end - start)
-        except ObjectNotFound as exc:
-            raise IntegrityError(f"{key}: pack missing (needed for tree {wanted.id.short()})") from exc
+            data = self._get_blobs(wanted.pack, start, end - start, blobs)
+        except IntegrityError:
+            if blobs == [wanted]:
+                raise
+            blobs, start = [wanted], wanted.offset  # a truncated pack may still hold this one
+            data = self._get_blobs(wanted.pack, start, wanted.length, blobs)
         view = memoryview(data)
-        raw = decode_blob(view[wanted.offset - start:wanted.offset - start + wanted.length], wanted.id, key,
-                          self.cipher)
+        raw = self.decode_or_note(view[wanted.offset - start:wanted.offset - start + wanted.length], wanted, key)
         # Cached as stored and checked again on every read, like a GET from the pack.
         self._cache_trees((bytes(b.id), bytes(view[b.offset - start:b.offset - start + b.length]))
                           for b in blobs if b.type == BlobType.TREE)
@@ -618,16 +699,29 @@ class Repository:
             missing -= self._load_from_summary(missing)
         if len(missing) > 1 and self.backend.concurrency > 1:
             with ThreadPoolExecutor(self.backend.concurrency, thread_name_prefix="records") as pool:
-                list(pool.map(self._load_if_present, sorted(missing)))
-        return [snap for snap in map(self._load_if_present, (key for _, _, key in keys))
+                list(pool.map(self.snapshot_if_readable, sorted(missing)))
+        return [snap for snap in map(self.snapshot_if_readable, (key for _, _, key in keys))
                 if snap is not None and (select is None or select.matches(snap))]
 
-    def _load_if_present(self, key: str) -> SnapshotInfo | None:
-        """A listed record, or None if it was deleted since the listing (forgotten)."""
+    def snapshot_if_readable(self, key: str) -> SnapshotInfo | None:
+        """A listed record, or None if it was deleted since the listing (forgotten), or is
+        damaged: passed over with a warning, it blocks nothing that does not need it."""
         try:
             return self.load_snapshot(key)
         except ObjectNotFound:
             return None
+        except (IntegrityError, UnsupportedFormat) as exc:
+            self._pass_over(key, exc, "repair snapshots")
+            return None
+
+    def unreadable_snapshots(self) -> list[SnapshotInfo]:
+        """The snapshot records passed over as damaged, by key only (no record): so that
+        ``forget ID`` can remove one."""
+        found = []
+        for key in sorted(k for k in self.damaged_objects if k.startswith(SNAPSHOT_PREFIX)):
+            time, snap_id = parse_snapshot_key(key)
+            found.append(SnapshotInfo(snap_id, key, time, {"tree": bytes(32)}))
+        return found
 
     def write_summary(self) -> None:
         """Write one object holding every snapshot record (as stored), then delete older
@@ -701,13 +795,8 @@ class Repository:
     def _newest(self, keys: list[tuple[datetime, SnapshotId, str]], select: SnapshotFilter | None,
                 when: str) -> SnapshotInfo:
         for _, _, key in reversed(keys):
-            if select is None:
-                return self.load_snapshot(key)
-            try:
-                snap = self.load_snapshot(key)
-            except ObjectNotFound:
-                continue  # forgotten since the listing
-            if select.matches(snap):
+            snap = self.snapshot_if_readable(key)  # forgotten since the listing, or damaged: the one before
+            if snap is not None and (select is None or select.matches(snap)):
                 return snap
         raise SnapshotNotFound(f"no snapshot{when} {select.describe() if select else ''}".rstrip())
 

@@ -36,7 +36,7 @@ from .chunker import CDC, chunk_stream, fixed_chunks
 from .errors import (
     BackendError, IntegrityError, ObjectNotFound, StorageFull, TargetError, TargetInUse, UsageError,
 )
-from .format import ChunkId, PackId, decode_blob, display, pack_key
+from .format import ChunkId, PackId, display, pack_key
 from .packs import BlobEntry, coalesce
 from .pagemap import file_chunks
 from .repository import Repository, SnapshotInfo
@@ -384,7 +384,7 @@ class _Writer:
             for blob in members:
                 stored = memoryview(data)[blob.offset - start:blob.offset - start + blob.length]
                 try:
-                    raw = decode_blob(stored, blob.id, key, self.repo.cipher)
+                    raw = self.repo.decode_or_note(stored, blob, key)
                 except IntegrityError as exc:
                     raise IntegrityError(f"{exc}; needed by {self._users([blob])}") from exc
                 self._place(raw, missing[blob.id])

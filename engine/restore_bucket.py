@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from .backends.s3 import S3Backend
 from .errors import IntegrityError, ObjectNotFound, UsageError
-from .format import ChunkId, PackId, decode_blob, display, pack_key
+from .format import ChunkId, PackId, display, pack_key
 from .packs import BlobEntry, coalesce
 from .repository import Repository, SnapshotInfo
 from .restore import FilePlan, normalise_include, select_files
@@ -165,8 +165,8 @@ def _fetch_pack_blobs(repo: Repository, pack: PackId, entries: list[BlobEntry]) 
         except ObjectNotFound as exc:
             raise IntegrityError(f"{key}: pack missing, needed by {len(members)} chunk(s)") from exc
         for entry in members:
-            raw[entry.id] = decode_blob(memoryview(data)[entry.offset - start:entry.offset - start + entry.length],
-                                        entry.id, key, repo.cipher)
+            raw[entry.id] = repo.decode_or_note(
+                memoryview(data)[entry.offset - start:entry.offset - start + entry.length], entry, key)
     return raw
 
 
@@ -193,5 +193,4 @@ def _fetch_run(repo: Repository, run: list[BlobEntry], file: FilePlan) -> Iterat
     except ObjectNotFound as exc:
         raise IntegrityError(f"{key}: pack missing, needed by {display(file.rel)}") from exc
     for entry in run:
-        yield decode_blob(memoryview(data)[entry.offset - start:entry.offset - start + entry.length], entry.id, key,
-                          repo.cipher)
+        yield repo.decode_or_note(memoryview(data)[entry.offset - start:entry.offset - start + entry.length], entry, key)

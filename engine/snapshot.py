@@ -543,11 +543,8 @@ def _parent(repo: Repository, source: str, host: str) -> SnapshotInfo | None:
     """The newest snapshot of the same source and host: records are read newest first
     and only until one matches, so the cost does not grow with the number of snapshots."""
     for _, _, key in reversed(repo.snapshot_keys()):
-        try:
-            snap = repo.load_snapshot(key)
-        except ObjectNotFound:
-            continue  # forgotten since the listing
-        if snap.record.get("source") == source and snap.record.get("host") == host:
+        snap = repo.snapshot_if_readable(key)  # forgotten since the listing, or damaged: passed over
+        if snap is not None and snap.record.get("source") == source and snap.record.get("host") == host:
             return snap
     return None
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable
 
+from . import damage
 from .errors import EngineError, IntegrityError, ObjectNotFound
 from .format import (
     DATA_PREFIX, GARBAGE_PREFIX, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, ChunkId, Kind, PackId, decode_blob, digest, open_object,
@@ -41,7 +43,10 @@ class CheckReport:
 
 def check(repo: Repository, read_data: bool = False, subset: float | None = None,
           progress: Callable[[int, int], None] | None = None,
-          rng: random.Random | None = None) -> CheckReport:
+          rng: random.Random | None = None, now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+          ) -> CheckReport:
+    """Check the repository; damage found is recorded (format §6.14), so that the next
+    snapshot stores those blobs again, and the verdict too (§6.15), for ``status``."""
     report = CheckReport()
     try:
         snapshots = repo.snapshots()
@@ -51,14 +56,40 @@ def check(repo: Repository, read_data: bool = False, subset: float | None = None
         return report
     report.snapshots = len(snapshots)
     report.warnings += [f"{w} (a garbage record: prune condemns its packs again)" for w in repo.garbage_warnings]
+    report.warnings += repo.damage_warnings
+    findings: dict[PackId, damage.Finding] = {}
     _check_stored_records(repo, report)
-    stored = _check_packs(repo, report)
+    stored = _check_packs(repo, report, findings)
     _check_snapshots(repo, snapshots, report, stored)
     if read_data or subset is not None:
-        bad = _read_packs(repo, report, subset, progress, rng or random.Random())
+        bad = _read_packs(repo, report, subset, progress, rng or random.Random(), findings)
         if bad:
             _name_victims(repo, snapshots, bad, report)
+    if findings:
+        key = repo.note_damage(findings, "check")
+        if key:
+            report.warnings.append(f"damage recorded in {key}: the next snapshot stores those blobs again from the "
+                                   f"source; then 'clubsnap repair packs' salvages the rest")
+    damage.remove_settled(repo.backend, repo.catalog)
+    _known_damage(repo, report, stored, findings)
+    damage.record_check(repo.backend, repo.cipher, now(), 1.0 if read_data else subset, report.errors)
     return report
+
+
+def _known_damage(repo: Repository, report: CheckReport, stored: set[PackId],
+                  found: dict[PackId, damage.Finding]) -> None:
+    """Damage recorded earlier (by any host) and not yet repaired is an error of this
+    check too, even one that reads no data: the repository is not whole until it is."""
+    unhealed = repo.catalog.unhealed_blobs()
+    indexed = repo.catalog.packs()
+    for pack, missing in sorted(repo.catalog.damaged_packs().items()):
+        if pack in found or (pack not in stored and pack not in indexed):
+            continue
+        report.errors.append(f"{pack_key(pack)}: recorded as damaged{' (missing)' if missing else ''}; "
+                             f"run 'clubsnap repair packs'")
+    if unhealed:
+        report.warnings.append(f"{unhealed} damaged blob(s) have no intact copy yet: a snapshot of a data dir "
+                               f"that still has them stores them again")
 
 
 def _check_stored_records(repo: Repository, report: CheckReport) -> None:
@@ -100,8 +131,9 @@ def _check_stored_records(repo: Repository, report: CheckReport) -> None:
             report.warnings.append(f"{exc} (a snapshot summary: listing falls back to the records)")
 
 
-def _check_packs(repo: Repository, report: CheckReport) -> set[PackId]:
-    """Indexed packs against the listing; returns the packs stored."""
+def _check_packs(repo: Repository, report: CheckReport, findings: dict[PackId, damage.Finding]) -> set[PackId]:
+    """Indexed packs against the listing; returns the packs stored. A pack missing or of
+    another size is damage: every blob the index places there is lost."""
     stored = {PackId.from_hex(key.rsplit("/", 1)[-1]): size for key, size in repo.backend.list(DATA_PREFIX)}
     indexed = repo.catalog.packs()
     report.packs = len(stored)
@@ -110,6 +142,9 @@ def _check_packs(repo: Repository, report: CheckReport) -> set[PackId]:
             report.errors.append(f"{pack_key(pack)}: indexed pack is missing")
         elif stored[pack] != size:
             report.errors.append(f"{pack_key(pack)}: size {stored[pack]} differs from indexed {size}")
+        else:
+            continue
+        findings[pack] = damage.Finding({e.id for e in repo.catalog.blobs_in_pack(pack)}, missing=True)
     # Packs a prune condemned are neither: they wait for deletion (docs/format.md §10).
     unindexed = len(set(stored) - set(indexed) - set(repo.catalog.condemned_packs()))
     if unindexed:
@@ -176,7 +211,8 @@ def _check_file(repo: Repository, snap: SnapshotInfo, path: bytes, entry: Entry,
 
 
 def _read_packs(repo: Repository, report: CheckReport, subset: float | None,
-                progress: Callable[[int, int], None] | None, rng: random.Random) -> set[ChunkId]:
+                progress: Callable[[int, int], None] | None, rng: random.Random,
+                findings: dict[PackId, damage.Finding]) -> set[ChunkId]:
     """Read packs back; returns the ids of blobs that failed."""
     # Condemned packs still stored are read too: a kept snapshot may need one until the
     # next prune re-indexes it.
@@ -195,7 +231,9 @@ def _read_packs(repo: Repository, report: CheckReport, subset: float | None,
             continue  # a condemned pack, deleted by a prune meanwhile
         except EngineError as exc:
             report.errors.append(str(exc))
-            bad |= _bad_blobs(repo, pack)
+            failed = _bad_blobs(repo, pack)
+            bad |= failed
+            findings.setdefault(pack, damage.Finding()).blobs |= failed
         report.packs_read += 1
         if progress:
             progress(number, len(packs))

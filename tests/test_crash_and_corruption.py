@@ -169,7 +169,9 @@ def test_flipped_byte_fails_check_and_restore_naming_the_file(cli: Cli, tmp_path
     assert result.returncode == 18
     assert victim.name in result.stdout and "blobs/" in result.stdout
     assert "Traceback" not in result.stderr
-    assert cli("check", repo=repo).returncode == 0  # structure alone cannot see it
+    # Structure alone cannot see it, but the damage is recorded now: every check reports it.
+    structural = cli("check", repo=repo)
+    assert structural.returncode == 18 and "recorded as damaged" in structural.stdout
 
     restored = cli("restore", "latest", "--target", str(tmp_path / "t"), repo=repo)
     assert restored.returncode == 12
