@@ -81,7 +81,7 @@ def open_backend(url: str, s3: "S3Settings | None" = None) -> Backend:
     if url.startswith(("s3://", "gs://")):
         from .backends.s3 import S3Backend
 
-        return S3Backend(url, s3)
+        return S3Backend(url, s3, repository=True)
     if "://" in url:
         from .errors import UsageError
 

@@ -8,13 +8,16 @@ repository at any time; losing the files cache only costs one full read of the d
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import EngineError
+from .errors import EngineError, StorageFull
 from .format import BlobType, ChunkId, PackId, pack_record, unpack_record
 from .packs import BlobEntry
 
@@ -50,18 +53,27 @@ class Catalog:
     """Thread-safe wrapper over one SQLite connection (snapshot workers share it)."""
 
     def __init__(self, path: Path) -> None:
+        """Open (or create) the catalog at ``path``, normally ``<cache root>/<repository
+        id>/catalog.db``. It holds decrypted paths and package names, so the cache root and
+        the catalog dir are made 0700 and the database 0600, or tightened to that when
+        found looser. The database file is made before SQLite opens it: SQLite creates
+        ``-wal`` and ``-shm`` with the database's mode, so they are 0600 too."""
         self.path = path
         self._lock = threading.RLock()
+        if path in _OPENED:
+            _OPENED.remove(path)
+        _OPENED.append(path)  # for catalog_error(): a failure after open names this one
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private_dir(path.parent.parent)
+            _private_dir(path.parent)
+            _private_files(path)
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._conn = conn
             self._create_schema()
         except (OSError, sqlite3.Error) as exc:
-            raise EngineError(f"local catalog {path} is unusable ({exc}); "
-                              f"choose another with --cache-dir or CLUBSNAP_CACHE_DIR") from exc
+            raise catalog_error(exc, path, opening=True) from exc
 
     def _create_schema(self) -> None:
         """Create or upgrade the tables, in one transaction (SQLite DDL is transactional)
@@ -482,3 +494,95 @@ class Catalog:
                 "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(source, path, f.size, f.mtime_ns, f.ctime_ns, f.inode,
                   pack_record([bytes(c) for c in f.chunks]), f.etag) for path, f in changed.items()])
+
+
+# ---- failures and file modes of the catalog (used by __init__ and by the CLI) ------------------
+
+_OPENED: list[Path] = []  # catalogs this process opened, newest last
+NEARLY_FULL_BYTES = 1 << 20  # less free than this under a catalog: its I/O error is no space
+SQLITE_IOERR, SQLITE_FULL = 10, 13  # primary result codes (an extended code's low byte)
+
+
+def catalog_error(exc: sqlite3.Error | OSError, path: Path | None = None, *, opening: bool = False) -> EngineError:
+    """The one engine error for a failure of the local catalog, at open or at any later
+    read or write (the CLI passes the ``sqlite3.Error`` that reached it; ``path`` None
+    means the catalogs this process opened). No space is ``StorageFull`` (exit 17), like
+    any full disk: SQLite says "database or disk is full", or only "disk I/O error" (a
+    failed ``-shm`` resize, fsync or journal write), which is taken for no space when the
+    catalog's file system has (almost) nothing left. Anything else is exit 1, pointing
+    at ``--cache-dir``: the catalog is a cache, one elsewhere is rebuilt."""
+    candidates = [path] if path is not None else list(reversed(_OPENED))
+    full = next((p for p in candidates if _out_of_space(p)), None)
+    if _says_full(exc) or (_says_io_error(exc) and full is not None):
+        where = full or (candidates[0] if candidates else None)
+        shown = f"local catalog {where}" if where is not None else "local catalog"
+        return StorageFull(f"{shown}: no space left on device (free space or use --cache-dir elsewhere)")
+    if opening:
+        return EngineError(f"local catalog {path} is unusable ({exc}); "
+                           f"choose another with --cache-dir or CLUBSNAP_CACHE_DIR")
+    shown = f"local catalog {candidates[0]}" if candidates else "local catalog"
+    return EngineError(f"{shown}: {exc} (it is a cache: --cache-dir elsewhere works)")
+
+
+def _says_full(exc: sqlite3.Error | OSError) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == SQLITE_FULL) or "database or disk is full" in str(exc)
+
+
+def _says_io_error(exc: sqlite3.Error | OSError) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.EIO
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == SQLITE_IOERR) or "disk I/O error" in str(exc)
+
+
+def _out_of_space(path: Path) -> bool:
+    """Whether the file system holding ``path`` (or its nearest existing parent) has less
+    than NEARLY_FULL_BYTES, or no inode, left for this user (root may use the reserve)."""
+    where = path
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        fs = os.statvfs(where)
+    except OSError:
+        return False
+    blocks, inodes = (fs.f_bfree, fs.f_ffree) if os.geteuid() == 0 else (fs.f_bavail, fs.f_favail)
+    return blocks * fs.f_frsize < NEARLY_FULL_BYTES or (fs.f_files > 0 and inodes == 0)
+
+
+def _private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700, or take group and other bits off an existing one that is
+    ours. A shared sticky directory (``--cache-dir /tmp``) is left as it is."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    status = directory.stat()
+    if status.st_uid == os.geteuid() and not status.st_mode & stat.S_ISVTX:
+        _tighten(directory, status, 0o700)
+
+
+def _private_files(path: Path) -> None:
+    """The database created empty 0600 if absent (SQLite takes an empty file for a new
+    database), and it, its ``-wal`` and its ``-shm`` made 0600 if looser."""
+    if not path.exists():  # not opened for writing otherwise: a read-only mount may hold it
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass  # another process made it meanwhile; tightened below
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            status = name.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(status.st_mode) and status.st_uid == os.geteuid():
+            _tighten(name, status, 0o600)
+
+
+def _tighten(path: Path, status: os.stat_result, mode: int) -> None:
+    """Best effort: a catalog whose mode cannot change (a read-only mount) still works."""
+    current = stat.S_IMODE(status.st_mode)
+    if current & ~mode:
+        try:
+            os.chmod(path, current & mode)
+        except OSError:
+            pass

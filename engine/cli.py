@@ -1194,9 +1194,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         _report_requests(args)
         print(f"clubsnap: {exc}", file=sys.stderr)
         return exc.exit_code
-    except sqlite3.Error as exc:  # the local catalog failed after it opened (locked, disk)
-        print(f"clubsnap: local catalog error: {exc} (it is a cache: --cache-dir elsewhere works)", file=sys.stderr)
-        return 1
+    except sqlite3.Error as exc:  # the local catalog failed after it opened (locked, full disk)
+        from .catalog import catalog_error  # where the catalog's failures are told apart
+
+        error = catalog_error(exc)
+        print(f"clubsnap: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("clubsnap: interrupted", file=sys.stderr)
         return errors.EXIT_INTERRUPTED

@@ -859,11 +859,16 @@ def _location_mark(location: str) -> str:
 
 
 def _remember_encrypted(cache_root: Path, location: str) -> None:
+    """Note that ``location`` holds an encrypted repository, in a file 0600 in a cache
+    root 0700 (docs/security.md, "File permissions"): it tells which locations this host
+    backs up."""
+    import os  # the one user of os in this module
+
     try:
         path = cache_root / ENCRYPTED_LOCATIONS
         if not _was_encrypted(cache_root, location):
-            cache_root.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as handle:
+            cache_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as handle:
                 handle.write(_location_mark(location) + "\n")
     except OSError:
         pass  # a memory only: the key slots in the repository are the main guard

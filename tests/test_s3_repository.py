@@ -405,9 +405,10 @@ def test_sigkill_mid_upload_leaves_a_valid_repository(cli: Cli, s3_url: str, tmp
 
 def test_missing_bucket_and_missing_repository_are_named(cli: Cli, s3_url: str, tmp_path: Path) -> None:
     missing = f"clubsnap-absent-{os.getpid()}-{free_port()}"
+    # No bucket is no repository (exit 10), not an outage worth retrying (13).
     for args in (("snapshots",), ("check",)):
-        line = _one_line_error(cli(*args, env={"CLUBSNAP_REPO": f"s3://{missing}/repo"}, timeout=60), 13)
-        assert f"bucket '{missing}' does not exist" in line, line
+        line = _one_line_error(cli(*args, env={"CLUBSNAP_REPO": f"s3://{missing}/repo"}, timeout=60), 10)
+        assert f"no S3 bucket {missing} at http://127.0.0.1:" in line and "create it first" in line, line
 
     # A bucket that exists but holds no repository under the prefix.
     line = _one_line_error(cli("snapshots", env={"CLUBSNAP_REPO": s3_url}, timeout=60), 10)

@@ -1,10 +1,20 @@
-"""Local-directory backend: temp file, fsync, rename, fsync of the directory."""
+"""Local-directory backend: temp file, fsync, rename, fsync of the directory.
+
+Everything it creates is private to the user running clubsnap, as restic does: files
+0600, directories 0700. Key slots, locks (host names) and, in an unencrypted repository,
+everything else would otherwise be readable by every local user. A repository made
+before that, or copied with looser modes, is tightened when opened: the top directory,
+``config``, ``keys/`` and its slots, and the directories one level down (``data/``,
+``index/``... and the ``data/<hh>/`` prefix dirs); not every pack, which would cost a
+walk of the whole repository on every command, and which directories 0700 hide anyway.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import Iterator
 
@@ -12,11 +22,37 @@ from ..backend import Backend
 from ..errors import BackendError, ObjectNotFound, RepositoryExists, from_os_error
 
 TEMP_PREFIX = ".tmp-"
+FILE_MODE, DIR_MODE = 0o600, 0o700
+CONFIG_KEY = "config"  # the file whose presence says a repository is here (docs/format.md)
+KEYS_DIR, DATA_DIR = "keys", "data"
 
 
 class FsBackend(Backend):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = Path(root).expanduser().absolute()
+        if (self._root / CONFIG_KEY).is_file():
+            self._tighten()
+
+    def prepare_for_init(self) -> None:
+        """The top directory becomes private too when ``init`` is given an existing one."""
+        tighten(self._root, DIR_MODE)
+
+    def _tighten(self) -> None:
+        """Make an existing repository's modes at most 0600/0700 (module docstring): only
+        where a ``config`` says a repository is, so a mistyped ``--repo`` pointing at a
+        home directory changes nothing."""
+        tighten(self._root, DIR_MODE)
+        tighten(self._root / CONFIG_KEY, FILE_MODE)
+        for top in _entries(self._root):
+            if top.is_dir(follow_symlinks=False):
+                tighten(Path(top.path), DIR_MODE)
+                if top.name == KEYS_DIR:
+                    for slot in _entries(Path(top.path)):
+                        tighten(Path(slot.path), FILE_MODE)
+                elif top.name == DATA_DIR:
+                    for prefix in _entries(Path(top.path)):
+                        if prefix.is_dir(follow_symlinks=False):
+                            tighten(Path(prefix.path), DIR_MODE)
 
     @property
     def location(self) -> str:
@@ -53,7 +89,7 @@ class FsBackend(Backend):
 
     @staticmethod
     def _write_synced(path: Path, data: bytes | bytearray) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             view = memoryview(data)
             while view:
@@ -67,7 +103,7 @@ class FsBackend(Backend):
             return
         self._ensure_dir(directory.parent)
         try:
-            directory.mkdir()
+            directory.mkdir(DIR_MODE)
         except FileExistsError:
             return
         fsync_dir(directory.parent)
@@ -129,6 +165,29 @@ class FsBackend(Backend):
         except OSError as exc:
             raise from_os_error(exc, f"deleting {path}") from exc
         fsync_dir(path.parent)
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Clear the permission bits of ``path`` beyond ``mode`` (group and other ones), if it
+    is ours. Best effort: a read-only mount or a file of another user keeps its mode, and
+    the command goes on (it reads and writes as before; only the modes could not change)."""
+    try:
+        status = os.lstat(path)
+        if stat.S_ISLNK(status.st_mode) or status.st_uid != os.geteuid():
+            return
+        current = stat.S_IMODE(status.st_mode)
+        if current & ~mode:
+            os.chmod(path, current & mode)
+    except OSError:
+        pass
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return [entry for entry in entries if not entry.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return []
 
 
 def _raise(exc: OSError) -> None:

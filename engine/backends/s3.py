@@ -30,7 +30,7 @@ from datetime import timezone
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from ..backend import Backend
-from ..errors import BackendError, ObjectNotFound, RepositoryExists, StorageFull, UsageError
+from ..errors import BackendError, ObjectNotFound, RepositoryExists, RepositoryNotFound, StorageFull, UsageError
 
 T = TypeVar("T")
 
@@ -121,10 +121,17 @@ def is_bucket_url(url: str) -> bool:
 
 
 class S3Backend(Backend):
-    """Objects under ``prefix/`` in one bucket; see the module docstring."""
+    """Objects under ``prefix/`` in one bucket; see the module docstring.
 
-    def __init__(self, url: str, settings: S3Settings | None = None, *, client: Any = None) -> None:
+    ``repository``: the bucket holds (or is to hold) a repository. A missing bucket is
+    then ``RepositoryNotFound`` (exit 10: nothing to retry, there is no repository
+    there) rather than the ``BackendError`` (exit 13, an outage) a missing club blob
+    bucket stays."""
+
+    def __init__(self, url: str, settings: S3Settings | None = None, *, client: Any = None,
+                 repository: bool = False) -> None:
         scheme, self.bucket, self.prefix = parse_url(url)
+        self.repository = repository
         settings = settings or S3Settings()
         if scheme == "gs" and not settings.endpoint:
             settings = replace(settings, endpoint=GCS_ENDPOINT)
@@ -211,7 +218,11 @@ class S3Backend(Backend):
             return
 
     def prepare_for_init(self) -> None:
-        """Create the bucket if it does not exist (restic does the same at ``init``)."""
+        """Create the bucket if it does not exist (restic does the same at ``init``). One
+        that cannot be created (no permission, a name taken by another account) is a
+        missing bucket, exit 10, saying why; an outage meanwhile stays exit 13."""
+        import botocore.exceptions as boto
+
         try:
             self._call("head", self.bucket, lambda: self._client.head_bucket(Bucket=self.bucket))
             return
@@ -221,7 +232,14 @@ class S3Backend(Backend):
         args: dict[str, Any] = {"Bucket": self.bucket}
         if region and region != "us-east-1":
             args["CreateBucketConfiguration"] = {"LocationConstraint": region}
-        self._call("put", self.bucket, lambda: self._client.create_bucket(**args))
+        try:
+            self._call("put", self.bucket, lambda: self._client.create_bucket(**args))
+        except BackendError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, boto.ClientError) or _classify(cause) != "permanent":
+                raise
+            code = _code(cause) or str(_status(cause))
+            raise RepositoryNotFound(f"{self._missing_bucket()}; creating it failed: {code}") from exc
 
     # ---- beyond the contract: what a bucket source or restore target needs --------------------
 
@@ -380,6 +398,10 @@ class S3Backend(Backend):
             time.sleep(random.uniform(0.5, 1.0) * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
         raise AssertionError("unreachable: the loop returns or raises")
 
+    def _missing_bucket(self) -> str:
+        return (f"no S3 bucket {self.bucket} at {self._client.meta.endpoint_url} "
+                f"(create it first, or check --repo)")
+
     def _error(self, exc: Exception, what: str, attempts: int) -> Exception:
         import botocore.exceptions as boto
 
@@ -388,6 +410,8 @@ class S3Backend(Backend):
             code, status = _code(exc), _status(exc)
             message = exc.response.get("Error", {}).get("Message") or code
             if code == "NoSuchBucket":
+                if self.repository:  # not an outage: no repository can be there
+                    return RepositoryNotFound(self._missing_bucket())
                 return BackendError(f"bucket {self.bucket!r} does not exist ({self.location})")
             if code in ("NoSuchKey", "NoSuchUpload", "404") or status == 404:
                 return ObjectNotFound(f"{where}: no such object")
