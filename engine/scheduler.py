@@ -351,7 +351,9 @@ def _snapshot(jobs: Jobs, tags: list[str]) -> dict[str, Any]:
     result = create_snapshot(jobs.repo, jobs.snapshot(tags))
     return {"id": result.info.id.hex(), "snapshot_time": result.info.time.isoformat(), "partial": result.partial,
             "bytes_added": result.stats["bytes_added"], "files": result.stats["files"], "tags": tags,
-            "errors": result.errors[:10]}
+            "errors": result.errors[:10],
+            # what was passed over (damaged index objects, snapshot records) or found amiss
+            "warnings": (result.warnings + list(jobs.repo.damaged_objects.values()))[:10]}
 
 
 def _forget_and_prune(jobs: Jobs, stop: threading.Event) -> dict[str, Any]:
