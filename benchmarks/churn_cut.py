@@ -29,7 +29,7 @@ def measure(order: str, runs: int, work: Path) -> dict[str, Any]:
     generate(data, "tiny", seed=5)
     repo = Repository.init(open_backend(str(work / f"repo-{order}")), work / f"cache-{order}",
                            lambda: datetime.now(timezone.utc))
-    counts = {"runs": runs, "inconsistent": 0, "partial": 0, "carried_forward": 0, "lost": 0, "problems": []}
+    counts: dict[str, Any] = {"runs": runs, "inconsistent": 0, "partial": 0, "carried_forward": 0, "lost": 0, "problems": []}
     try:
         create_snapshot(repo, SnapshotOptions(source=data, host="h", now=lambda: datetime.now(timezone.utc)))
         with ChurnWriter(data, order) as writer:

@@ -40,9 +40,7 @@ def list_blob_store(store: S3Backend) -> BucketListing:
             continue
         rel = TIER + b"/" + info.key.encode()
         listing.objects[rel] = info
-        for depth in range(1, len(parts)):
-            directory = TIER + b"/" + "/".join(parts[:depth]).encode()
-            listing.dirs.setdefault(directory, _dir_meta(directory))
+        imply_dirs(listing, rel)
     # `a/b` and `a/b/c` in one bucket: a file and a directory of one name cannot both be
     # restored into a directory. The object is reported and left out, the rest kept.
     for rel in sorted(set(listing.objects) & set(listing.dirs)):
@@ -50,6 +48,14 @@ def list_blob_store(store: S3Backend) -> BucketListing:
         listing.errors.append(f"{store.url}/{display(rel)[len(TIER) + 1:]}: key is also a prefix of other keys "
                               f"(a file and a directory of one name); not taken")
     return listing
+
+
+def imply_dirs(listing: BucketListing, rel: bytes) -> None:
+    """Add the directories ``blobs/<key>`` implies (an object found after the listing too)."""
+    parts = rel.split(b"/")[1:]
+    for depth in range(1, len(parts)):
+        directory = TIER + b"/" + b"/".join(parts[:depth])
+        listing.dirs.setdefault(directory, _dir_meta(directory))
 
 
 def object_entry(rel: bytes, size: int, mtime_ns: int, etag: str, chunks: list[bytes], chunker: str
