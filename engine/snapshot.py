@@ -1,10 +1,14 @@
 """create_snapshot(): data dir -> chunks -> packs -> index -> trees -> snapshot record, last.
 
-Order matters for consistency (CLUB_DATA §5): databases are captured first, blobs
-scanned after. club commits a publish to the DB before writing its tarball and deletes
-a version's blobs before its row, so "DB first" means a snapshot's DB never names a
-tarball that was published after the DB image was taken; a version deleted during the
-scan is carried forward from the parent snapshot (engine/consistency.py).
+Order matters for consistency (engine/consistency.py, docs/format.md §6.6): the blobs are
+scanned and stored first, then the databases are pinned (the snapshot's time), then the
+blobs the pinned club.db names but the scan missed get a second look on disk, the
+databases are pinned again while club is deleting what a pin names, and only then are
+the pinned pages read. That order holds whichever way a writer orders rows and blobs:
+club's (row, then blobs; blobs, then row) and the reverse. A named blob still missing
+that the live database still names is lost: carried forward from the parent snapshot
+when it has a copy, and always reported. A database capture that looks wrong (not
+SQLite, or failing quick_check) is kept and flagged, never silently.
 """
 
 from __future__ import annotations
