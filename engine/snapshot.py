@@ -202,6 +202,7 @@ class _SnapshotBuilder:
         self.cache = cache
         # The racy-file guard compares with the file system's clock, not the snapshot's.
         self.scan_start_ns = time.time_ns()
+        self.began = options.now()  # the run's start; the snapshot's time is the later pin
         self.stats = SourceStats()
         self.errors: list[str] = []    # what the snapshot lacks: it is partial
         self.warnings: list[str] = []  # worth saying, but the snapshot is complete
@@ -694,7 +695,7 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
                   "files_vanished": len(builder.vanished) + len(scan.vanished),
                   "pins": builder.pins, "blobs_looked_again": builder.looked_again,
                   **requests,
-                  "duration_s": round((options.now() - start).total_seconds(), 3)},
+                  "duration_s": round((options.now() - builder.began).total_seconds(), 3)},
         "program": "clubsnap 0.1.0",
     }
 
