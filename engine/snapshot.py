@@ -46,13 +46,13 @@ from .tree import Entry, lookup, store_tree
 # tick of the kernel's coarse file clock; it is snapshotted but not trusted by the cache.
 RACY_WINDOW_NS = 50_000_000
 PAGE_BATCH = 256  # database pages per index lookup
-# The capture facts a tree entry keeps (the record's `databases` keeps them all).
 # The second look (engine/consistency.py): a blob the pin names is looked for again for at
 # most this long (club writes a publish's row first, its tarball just after), and the
 # databases pinned again at most so many times while club deletes what a pin names.
 SECOND_LOOK_S = 2.0
 SECOND_LOOK_PAUSE_S = 0.02
 MAX_PINS = 4
+# The capture facts a tree entry keeps (the record's `databases` keeps them all).
 ENTRY_SQLITE_FIELDS = ("method", "journal_mode", "page_size", "page_count", "user_version", "schema_version")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backends.s3 import ObjectInfo, S3Backend
-from ..errors import ObjectNotFound
 from ..format import display
 
 TIER = b"blobs"
@@ -64,15 +63,6 @@ def object_entry(rel: bytes, size: int, mtime_ns: int, etag: str, chunks: list[b
     restore into a bucket compares to skip objects already there)."""
     return {"name": rel.rsplit(b"/", 1)[-1], "mode": FILE_MODE, "mtime": mtime_ns, "uid": 0, "gid": 0,
             "type": "file", "size": size, "chunker": chunker, "chunks": chunks, "etag": etag}
-
-
-def still_present(store: S3Backend, rel: bytes) -> bool:
-    """Whether the object behind ``blobs/<key>`` exists now (one HEAD)."""
-    try:
-        store.stat(display(rel)[len(TIER) + 1:])
-        return True
-    except ObjectNotFound:
-        return False
 
 
 def _dir_meta(rel: bytes) -> dict[str, object]:
