@@ -297,15 +297,18 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     for problem in result.errors + result.warnings:
         print(f"warning: {problem}", file=sys.stderr)
     record = result.info.record
+    lost = set(record.get("lost", []))
     for path in record.get("carried_forward", []):
-        print(f"note: {path} was deleted during the scan; carried forward from the parent snapshot",
-              file=sys.stderr)
+        if path not in lost:  # a lost blob has had its warning
+            print(f"note: {path} was deleted during the scan; carried forward from the parent snapshot",
+                  file=sys.stderr)
     verified = record.get("verified")
     s = result.stats
     _emit(args, {"id": result.info.id.hex(), "time": result.info.time.isoformat(),
                  "partial": result.partial, "errors": result.errors, "stats": s,
                  "carried_forward": record.get("carried_forward", []), "dangling": record.get("dangling", []),
-                 "verified": verified},
+                 "lost": record.get("lost", []), "lost_count": record.get("lost_count", 0),
+                 "suspect_databases": record.get("suspect_databases", []), "verified": verified},
           f"snapshot {result.info.id.short()} saved at {result.info.time.astimezone():%Y-%m-%d %H:%M:%S %Z}"
           f"{' (PARTIAL: some files were unreadable)' if result.partial else ''}\n"
           f"files: {s['files']} ({s['files_new']} new, {s['files_changed']} changed, "

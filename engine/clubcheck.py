@@ -97,16 +97,34 @@ def expected_blobs(conn: sqlite3.Connection) -> tuple[list[Expected], list[str]]
     Used on a restored file here and, by a snapshot, on the pinned image it captured.
     """
     expected, problems = [], []
-    for pkg, ver, size, sha, shots, readme in conn.execute(
-            "SELECT package_name, version, archive_size_bytes, archive_sha256, screenshots, "
-            "readme_content FROM package_versions"):
-        expected.append(Expected(f"{pkg}/{ver}/artifacts/package.tar.gz", size, sha))
-        try:
-            expected += [Expected(f"{pkg}/{ver}/screenshots/{index}", shot.get("sizeBytes"), shot.get("sha256"))
-                         for index, shot in enumerate(json.loads(shots or "[]"))]
-        except (ValueError, TypeError, AttributeError):
-            problems.append(f"package_versions {pkg} {ver}: screenshots is not a list of objects")
-        expected += [Expected(key) for key in _readme_assets(readme or "") if key.split("/")[2] != "screenshots"]
+    for row in conn.execute(f"SELECT {_VERSION_COLUMNS} FROM package_versions"):
+        named, problem = _row_expectations(*row)
+        expected += named
+        problems += problem
+    return expected, problems
+
+
+def named_by_version(conn: sqlite3.Connection, package: str, version: str) -> list[Expected]:
+    """The blobs one version's row names now ([] when there is no such row): what a
+    snapshot asks the live database about a blob its pinned image names but the data
+    dir lacks."""
+    row = conn.execute(f"SELECT {_VERSION_COLUMNS} FROM package_versions WHERE package_name = ? AND version = ?",
+                       (package, version)).fetchone()
+    return _row_expectations(*row)[0] if row else []
+
+
+_VERSION_COLUMNS = "package_name, version, archive_size_bytes, archive_sha256, screenshots, readme_content"
+
+
+def _row_expectations(pkg: str, ver: str, size: int | None, sha: str | None, shots: str | None,
+                      readme: str | None) -> tuple[list[Expected], list[str]]:
+    expected, problems = [Expected(f"{pkg}/{ver}/artifacts/package.tar.gz", size, sha)], []
+    try:
+        expected += [Expected(f"{pkg}/{ver}/screenshots/{index}", shot.get("sizeBytes"), shot.get("sha256"))
+                     for index, shot in enumerate(json.loads(shots or "[]"))]
+    except (ValueError, TypeError, AttributeError):
+        problems.append(f"package_versions {pkg} {ver}: screenshots is not a list of objects")
+    expected += [Expected(key) for key in _readme_assets(readme or "") if key.split("/")[2] != "screenshots"]
     return expected, problems
 
 

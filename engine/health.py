@@ -202,6 +202,15 @@ def _judge_snapshot(status: Status, max_age: timedelta | None, select: SnapshotF
         status.problems.append(f"the newest snapshot ({newest.id.short()}) is partial: some files were unreadable")
     if newest is not None and newest.record.get("verified", {}).get("consistent") is False:
         status.problems.append(f"the newest snapshot ({newest.id.short()}) lacks blobs club.db names")
+    lost = newest.record.get("lost") if newest is not None else None
+    if newest is not None and lost:
+        count = newest.record.get("lost_count", len(lost))
+        status.problems.append(f"the newest snapshot ({newest.id.short()}) found {count} blob(s) club.db names "
+                               f"missing from the data dir: {', '.join(lost[:3])}{', ...' if count > 3 else ''}")
+    suspect = newest.record.get("suspect_databases") if newest is not None else None
+    if newest is not None and suspect:
+        status.problems.append(f"the newest snapshot ({newest.id.short()}) captured a database that looks "
+                               f"damaged: {', '.join(suspect)} (see the snapshot's warnings)")
 
 
 def _judge_verification(status: Status, max_verify_age: timedelta | None, select: SnapshotFilter | None) -> None:

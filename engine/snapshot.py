@@ -1,10 +1,14 @@
 """create_snapshot(): data dir -> chunks -> packs -> index -> trees -> snapshot record, last.
 
-Order matters for consistency (CLUB_DATA §5): databases are captured first, blobs
-scanned after. club commits a publish to the DB before writing its tarball and deletes
-a version's blobs before its row, so "DB first" means a snapshot's DB never names a
-tarball that was published after the DB image was taken; a version deleted during the
-scan is carried forward from the parent snapshot (engine/consistency.py).
+Order matters for consistency (engine/consistency.py, docs/format.md §6.6): the blobs are
+scanned and stored first, then the databases are pinned (the snapshot's time), then the
+blobs the pinned club.db names but the scan missed get a second look on disk, the
+databases are pinned again while club is deleting what a pin names, and only then are
+the pinned pages read. That order holds whichever way a writer orders rows and blobs:
+club's (row, then blobs; blobs, then row) and the reverse. A named blob still missing
+that the live database still names is lost: carried forward from the parent snapshot
+when it has a copy, and always reported. A database capture that looks wrong (not
+SQLite, or failing quick_check) is kept and flagged, never silently.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Any, Callable, Iterator
 from .catalog import CachedFile
 from .chunker import CDC, chunk_stream
 from .clubcheck import Expected, expected_blobs
-from .consistency import CLUB_DB, Cut, consistent_cut
+from .consistency import CLUB_DB, MAX_LISTED, Cut, blob_path, consistent_cut, live_names, unmatched
 from .errors import EngineError, IntegrityError, SourceError
 from .format import ID_SIZE, BlobType, ChunkId, display
 from .locks import Lock
@@ -42,6 +46,12 @@ from .tree import Entry, lookup, store_tree
 # tick of the kernel's coarse file clock; it is snapshotted but not trusted by the cache.
 RACY_WINDOW_NS = 50_000_000
 PAGE_BATCH = 256  # database pages per index lookup
+# The second look (engine/consistency.py): a blob the pin names is looked for again for at
+# most this long (club writes a publish's row first, its tarball just after), and the
+# databases pinned again at most so many times while club deletes what a pin names.
+SECOND_LOOK_S = 2.0
+SECOND_LOOK_PAUSE_S = 0.02
+MAX_PINS = 4
 # The capture facts a tree entry keeps (the record's `databases` keeps them all).
 ENTRY_SQLITE_FIELDS = ("method", "journal_mode", "page_size", "page_count", "user_version", "schema_version")
 
@@ -114,33 +124,29 @@ def _create(repo: Repository, options: SnapshotOptions, lock: Lock) -> SnapshotR
     source_key = display(root)
     cache = repo.catalog.load_files(source_key)
     builder = _SnapshotBuilder(repo, options, cache)
-    # The consistent-cut rule: the databases are captured before the blobs are even
-    # listed, so every tarball a captured row names was already written (club commits
-    # the row first, then writes the blob). The snapshot's time is the capture's.
     parent = _parent(repo, source_key, options.host)
+    # The consistent cut (engine/consistency.py): every blob is scanned and stored before
+    # the databases are pinned; the pin is the snapshot's time.
     scan = Scan()
-    scan_tier(root, "db", scan)
-    with ExitStack() as pins:
-        start = options.now()
-        captures = builder.pin_databases(scan, parent, pins)
-        entries = builder.read_databases(captures)  # each read transaction ends once read
     store = options.blob_store
     for tier in tiers_for(options.include_logs):
-        if tier != "db" and not (tier == "blobs" and store):
+        if not (tier == "blobs" and store):
             scan_tier(root, tier, scan)
     listing = bucket.list_blob_store(store) if store else bucket.BucketListing()
     scan.errors += listing.errors
     builder.files_total = len(scan.files) + len(scan.databases) + len(listing.objects)
-    entries.update(builder.read_files(scan))
+    builder.check_unsniffed(scan)
+    entries = builder.read_files(scan)
     if store:
         entries.update(builder.read_bucket(store, listing))
-
-    def still_present(rel: bytes) -> bool:
-        if store:
-            return bucket.still_present(store, rel)
-        return os.path.exists(os.path.join(root, rel))
-
-    cut = consistent_cut(repo, still_present, builder.expected, entries, parent, verify=options.verify)
+    look = _Look(root, scan, listing, store, entries, parent)
+    start, captured = _pin_and_look(builder, scan, parent, look)
+    entries.update(captured)
+    expected = builder.expected
+    missing = unmatched(expected, entries) if expected is not None else []
+    still_named = live_names(os.fsdecode(os.path.join(root, CLUB_DB)), missing) if missing else {}
+    cut = consistent_cut(repo, expected, entries, still_named, parent, verify=options.verify)
+    builder.report_lost(cut, parent)
     entries.update(cut.carried)
     tree = _build_trees(repo, scan.items, entries, cut.dirs | listing.dirs)
     repo.flush()  # every pack and index durable, and counted, before the record is written
@@ -154,6 +160,26 @@ def _create(repo: Repository, options: SnapshotOptions, lock: Lock) -> SnapshotR
     if store:
         builder.bucket_cache.save(repo)
     return SnapshotResult(info, record["stats"], scan.errors + builder.errors, builder.warnings)
+
+
+def _pin_and_look(builder: _SnapshotBuilder, scan: Scan, parent: SnapshotInfo | None,
+                  look: _Look) -> tuple[datetime, dict[bytes, Entry]]:
+    """Pin the databases, take the second look, and read the pinned pages; pin again
+    (at most ``MAX_PINS`` times) while club is deleting a blob the pin still names. The
+    pins are held for the second look and the page reads only: a held read transaction
+    holds club's checkpoints back (SQLITE_NOTES §3.4)."""
+    for attempt in range(1, MAX_PINS + 1):
+        with ExitStack() as pins:
+            mark = builder.mark()
+            start = builder.options.now()
+            captures = builder.pin_databases(scan, parent, pins)
+            racing = builder.second_look(look) if builder.expected is not None else []
+            if racing and attempt < MAX_PINS:
+                builder.rewind(mark)
+                continue  # leaving the block ends every read transaction
+            builder.pins = attempt
+            return start, builder.read_databases(captures)  # each read transaction ends once read
+    raise AssertionError("unreachable")
 
 
 def _check_source(source: Path, bucket: bool) -> bytes:
@@ -176,12 +202,16 @@ class _SnapshotBuilder:
         self.cache = cache
         # The racy-file guard compares with the file system's clock, not the snapshot's.
         self.scan_start_ns = time.time_ns()
+        self.began = options.now()  # the run's start; the snapshot's time is the later pin
         self.stats = SourceStats()
         self.errors: list[str] = []    # what the snapshot lacks: it is partial
         self.warnings: list[str] = []  # worth saying, but the snapshot is complete
         self.vanished: list[bytes] = []  # listed, then deleted before it was read
         self.databases: list[dict[str, Any]] = []
+        self.suspect: list[bytes] = []  # databases whose capture looks wrong
         self.expected: list[Expected] | None = None  # blobs the captured club.db names
+        self.pins = 0           # times the databases were pinned (more: club deleted what a pin named)
+        self.looked_again = 0   # named blobs the scan missed (or had at another size), read after it
         self.cache_updates: dict[bytes, CachedFile] = {}
         self.seen: set[bytes] = set()
         self.bucket_cache = _BucketCache("", {})
@@ -189,6 +219,84 @@ class _SnapshotBuilder:
         self._files_done = 0
         self._count_lock = threading.Lock()
         self.files_total = 0
+
+    def mark(self) -> tuple[int, int]:
+        return len(self.errors), len(self.warnings)
+
+    def rewind(self, mark: tuple[int, int]) -> None:
+        """Forget what a released pin said: the next pin says it again, as of its commit."""
+        del self.errors[mark[0]:], self.warnings[mark[1]:]
+        self.expected = None
+
+    def check_unsniffed(self, scan: Scan) -> None:
+        """A ``db/club.db`` without SQLite's header is kept (as a plain file: it is all
+        there is) but never silently: zeroed or foreign bytes there mean club's database
+        is damaged or replaced, and a backup of it restores nothing club can open."""
+        for item in scan.items:
+            if item.rel == CLUB_DB and item.kind == "file":
+                reason = _header_problem(item.path)
+                self.suspect.append(item.rel)
+                self.warnings.append(f"{display(item.rel)}: suspect: {reason}; stored as a plain file")
+
+    def second_look(self, look: _Look) -> list[Expected]:
+        """Read the named blobs the scan missed or found at another size than the pinned
+        rows say (published or republished during the scan), trying again for at most
+        ``SECOND_LOOK_S`` while the live database still names them unchanged. Returns the
+        ones the live database no longer names as pinned: club is deleting (or
+        republishing) them now, and the caller pins again."""
+        assert self.expected is not None
+        pending = unmatched(self.expected, look.entries)
+        known_lost = set(look.parent.record.get("lost", [])) if look.parent else set()
+        deadline = time.monotonic() + SECOND_LOOK_S
+        database = os.fsdecode(os.path.join(look.root, CLUB_DB))
+        while pending:
+            pending = [item for item in pending if not self._look_again(look, item)]
+            live = live_names(database, pending) if pending else {}
+            racing = [item for item in pending if live.get(item.key) != item]
+            # Lost already at the parent: no publish takes that long; do not wait for it.
+            waiting = [item for item in pending if display(blob_path(item)) not in known_lost]
+            if racing or not waiting or time.monotonic() >= deadline:
+                return racing
+            time.sleep(SECOND_LOOK_PAUSE_S)
+        return []
+
+    def _look_again(self, look: _Look, item: Expected) -> bool:
+        """Whether the blob is on disk (or in the bucket) now as the row says; if so, read."""
+        rel = blob_path(item)
+        try:
+            entry = self._read_again(look, rel, item.size)
+        except (OSError, EngineError):
+            return False  # not there (yet), or gone again
+        if entry is None:
+            return False
+        self.looked_again += 1
+        look.entries[rel] = entry
+        return item.size is None or entry["size"] == item.size
+
+    def _read_again(self, look: _Look, rel: bytes, size: int | None) -> Entry | None:
+        if look.store is not None:
+            key = display(rel)[len(bucket.TIER) + 1:]
+            found = look.store.stat(key)
+            if size is not None and found != size:
+                return None
+            entry = self._read_object(look.store, rel, ObjectInfo(key, found, "", 0))
+            bucket.imply_dirs(look.listing, rel)
+            return entry
+        path = os.path.join(look.root, rel)
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
+            return None  # a rename puts the whole new file in place: wait for it
+        entry = self._read_file(Item(rel, path, st, "file"))
+        look.add_dirs(rel)
+        return entry
+
+    def report_lost(self, cut: Cut, parent: SnapshotInfo | None) -> None:
+        """One warning per lost blob, with or without --verify: the snapshot may restore
+        whole (the parent's copy carried forward), but the data dir is damaged."""
+        for rel in sorted(cut.lost):
+            where = (f"carried forward from snapshot {parent.id.short()}" if parent and rel in cut.carried
+                     else "no earlier copy")
+            self.warnings.append(f"{display(rel)}: lost: club.db names it but the data dir lacks it; {where}")
 
     def pin_databases(self, scan: Scan, parent: SnapshotInfo | None, stack: ExitStack) -> list[_Capture]:
         """Start one read transaction per database, all before any is read: the
@@ -234,7 +342,10 @@ class _SnapshotBuilder:
         if parent_map and trusted and same_shape and self._unchanged_since_parent(capture, parent_ids):
             ids, page_map, read = parent_ids, parent_map, 0
             pages_stored = page_bytes = map_bytes = 0
+            # The parent checked these very pages; its verdict stands, for free.
+            suspect = (capture.parent_record or {}).get("suspect")
         else:
+            suspect = _quick_check(image.connection)
             ids, pages_stored, page_bytes, read = bytearray(), 0, 0, image.size
             for batch in _batches(image.pages(), PAGE_BATCH):
                 batch_ids, stored, stored_bytes = self._store_pages(batch)
@@ -246,7 +357,11 @@ class _SnapshotBuilder:
         changed = changed_pages(parent_ids, ids)
         self.databases.append({"path": item.rel, **image.info, "pages_changed": changed, "bytes_read": read,
                                "pages_stored": pages_stored, "page_bytes_stored": page_bytes,
-                               "map_bytes_stored": map_bytes, **({"fingerprint": image.fingerprint} if trusted else {})})
+                               "map_bytes_stored": map_bytes, **({"fingerprint": image.fingerprint} if trusted else {}),
+                               **({"suspect": suspect} if suspect else {})})
+        if suspect:
+            self.suspect.append(item.rel)
+            self.warnings.append(f"{display(item.rel)}: suspect: {suspect}")
         self.stats.bytes_total += image.size
         self._count(item.rel, image.size, read=read, unchanged=changed == 0 and len(ids) == len(parent_ids),
                     changed=capture.parent_entry is not None)
@@ -494,6 +609,54 @@ class _BucketCache:
 
 
 @dataclass
+class _Look:
+    """What the second look needs: where blobs are, and what the scan made of them."""
+
+    root: bytes
+    scan: Scan
+    listing: bucket.BucketListing
+    store: S3Backend | None
+    entries: dict[bytes, Entry]
+    parent: SnapshotInfo | None = None
+    _dirs: set[bytes] | None = None
+
+    def add_dirs(self, rel: bytes) -> None:
+        """Directory items for a file found after the scan, as the scan would have made."""
+        if self._dirs is None:
+            self._dirs = {i.rel for i in self.scan.items if i.kind == "dir"}
+        parts = rel.split(b"/")
+        for depth in range(1, len(parts)):
+            directory = b"/".join(parts[:depth])
+            if directory not in self._dirs:
+                self.scan.items.append(Item(directory, os.path.join(self.root, directory),
+                                            os.stat(os.path.join(self.root, directory)), "dir"))
+                self._dirs.add(directory)
+
+
+def _header_problem(path: bytes) -> str:
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if not header:
+        return "empty, not a SQLite database"
+    if header.count(0) == len(header):
+        return "its header is zeroed: not a SQLite database"
+    return "its header is not SQLite's: not a SQLite database"
+
+
+def _quick_check(conn: sqlite3.Connection) -> str | None:
+    """``PRAGMA quick_check`` on the pinned image (SQLITE_NOTES §5: about 1.5-2 s/GB);
+    the first problems it names, or None when it says ok."""
+    try:
+        rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.DatabaseError as exc:
+        return f"quick_check at capture failed: {exc}"
+    return None if rows == ["ok"] else f"quick_check at capture failed: {'; '.join(rows)}"
+
+
+@dataclass
 class _Capture:
     """A database pinned at the snapshot's consistency point, waiting to be read."""
 
@@ -518,6 +681,8 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
         "tree": bytes(tree),
         "tiers": stats.tiers,
         "databases": builder.databases,
+        **({"suspect_databases": sorted(display(rel) for rel in builder.suspect)[:MAX_LISTED]}
+           if builder.suspect else {}),
         **cut.to_record(),
         "partial": bool(scan.errors or builder.errors),
         "errors": (scan.errors + builder.errors)[:100],
@@ -527,9 +692,10 @@ def _snapshot_record(options: SnapshotOptions, source: str, start: datetime, tre
                   "metadata_bytes_stored": written.tree_bytes_added,
                   "bytes_added": written.pack_bytes_written, "packs_written": written.packs_written,
                   "index_objects_written": written.index_objects_written,
-                  "files_vanished": len(builder.vanished),
+                  "files_vanished": len(builder.vanished) + len(scan.vanished),
+                  "pins": builder.pins, "blobs_looked_again": builder.looked_again,
                   **requests,
-                  "duration_s": round((options.now() - start).total_seconds(), 3)},
+                  "duration_s": round((options.now() - builder.began).total_seconds(), 3)},
         "program": "clubsnap 0.1.0",
     }
 

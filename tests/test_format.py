@@ -130,7 +130,8 @@ def test_spec_tables_list_exactly_the_record_fields(tmp_path: Path) -> None:
     record = create_snapshot(repo, SnapshotOptions(source=data, host="h", now=now)).info.record
     section = SPEC.split("### 6.4 snapshot", 1)[1].split("\n#", 1)[0]
     optional = re.findall(r"^\| `(\w+)` \| [^|]+ \| optional", section, re.MULTILINE)
-    assert optional == ["blobs_source", "carried_forward", "dangling", "verified", "repaired"]
+    assert optional == ["blobs_source", "suspect_databases", "carried_forward", "lost", "lost_count", "dangling",
+                        "verified", "repaired"]
     assert sorted(set(_table_keys("### 6.4 snapshot")) - set(optional)) == sorted(record)
     assert sorted(_table_keys("### 6.1 config")) == sorted(repo.config.to_record())
     from engine.pagemap import _read

@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backends.s3 import ObjectInfo, S3Backend
-from ..errors import ObjectNotFound
 from ..format import display
 
 TIER = b"blobs"
@@ -40,9 +39,7 @@ def list_blob_store(store: S3Backend) -> BucketListing:
             continue
         rel = TIER + b"/" + info.key.encode()
         listing.objects[rel] = info
-        for depth in range(1, len(parts)):
-            directory = TIER + b"/" + "/".join(parts[:depth]).encode()
-            listing.dirs.setdefault(directory, _dir_meta(directory))
+        imply_dirs(listing, rel)
     # `a/b` and `a/b/c` in one bucket: a file and a directory of one name cannot both be
     # restored into a directory. The object is reported and left out, the rest kept.
     for rel in sorted(set(listing.objects) & set(listing.dirs)):
@@ -52,21 +49,20 @@ def list_blob_store(store: S3Backend) -> BucketListing:
     return listing
 
 
+def imply_dirs(listing: BucketListing, rel: bytes) -> None:
+    """Add the directories ``blobs/<key>`` implies (an object found after the listing too)."""
+    parts = rel.split(b"/")[1:]
+    for depth in range(1, len(parts)):
+        directory = TIER + b"/" + b"/".join(parts[:depth])
+        listing.dirs.setdefault(directory, _dir_meta(directory))
+
+
 def object_entry(rel: bytes, size: int, mtime_ns: int, etag: str, chunks: list[bytes], chunker: str
                  ) -> dict[str, object]:
     """A tree entry for an object: a file with fixed owner and mode, and its ETag (which a
     restore into a bucket compares to skip objects already there)."""
     return {"name": rel.rsplit(b"/", 1)[-1], "mode": FILE_MODE, "mtime": mtime_ns, "uid": 0, "gid": 0,
             "type": "file", "size": size, "chunker": chunker, "chunks": chunks, "etag": etag}
-
-
-def still_present(store: S3Backend, rel: bytes) -> bool:
-    """Whether the object behind ``blobs/<key>`` exists now (one HEAD)."""
-    try:
-        store.stat(display(rel)[len(TIER) + 1:])
-        return True
-    except ObjectNotFound:
-        return False
 
 
 def _dir_meta(rel: bytes) -> dict[str, object]:

@@ -6,6 +6,12 @@ club deletes them at boot. In ``db/``, SQLite files are recognised by their head
 captured through SQLite (never by plain reads); their ``-wal``/``-shm``/``-journal``
 sidecars are never taken, since restoring a stale sidecar silently undoes a restore, nor
 the safety copies a restore leaves beside a database it replaced.
+
+club deletes a version by removing its whole ``<pkg>/<ver>/`` directory (CLUB_DATA §2.2),
+at any moment of a scan: a file or directory that is gone by the time it is listed or
+stat'ed is counted in ``Scan.vanished``, as if deleted before the scan, never an error
+(the snapshot would be PARTIAL, and ``status`` would page someone, for a normal delete).
+Whether club.db still names it is for the consistent cut to judge (engine/consistency.py).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Item:
 class Scan:
     items: list[Item] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    vanished: list[bytes] = field(default_factory=list)  # deleted while being listed
 
     @property
     def files(self) -> list[Item]:
@@ -73,6 +80,9 @@ def _walk(directory: bytes, rel: bytes, tier: str, scan: Scan) -> None:
     try:
         with os.scandir(directory) as listing:
             children = sorted(listing, key=lambda e: e.name)
+    except FileNotFoundError:
+        _vanish(rel, scan)
+        return
     except OSError as exc:
         scan.errors.append(f"{display(rel)}: cannot list directory ({exc.strerror})")
         return
@@ -80,6 +90,9 @@ def _walk(directory: bytes, rel: bytes, tier: str, scan: Scan) -> None:
         child_rel = rel + b"/" + child.name
         try:
             st = child.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            scan.vanished.append(child_rel)
+            continue
         except OSError as exc:
             scan.errors.append(f"{display(child_rel)}: {exc.strerror}")
             continue
@@ -89,6 +102,13 @@ def _walk(directory: bytes, rel: bytes, tier: str, scan: Scan) -> None:
         scan.items.append(Item(child_rel, child.path, st, kind))
         if kind == "dir":
             _walk(child.path, child_rel, tier, scan)
+
+
+def _vanish(rel: bytes, scan: Scan) -> None:
+    """A directory listed by its parent and deleted before it was read: dropped, not
+    kept as an empty directory the data dir never had at any one time."""
+    scan.vanished.append(rel)
+    scan.items = [i for i in scan.items if i.rel != rel]
 
 
 def _classify(name: bytes, path: bytes, st: os.stat_result, tier: str, scan: Scan, rel: bytes) -> str | None:
@@ -116,6 +136,8 @@ def _is_sqlite(path: bytes, scan: Scan, rel: bytes) -> bool:
     try:
         with open(path, "rb") as handle:
             return handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except FileNotFoundError:
+        return False  # deleted since the listing: a plain file that then vanishes on read
     except OSError as exc:
         scan.errors.append(f"{display(rel)}: {exc.strerror}")
         return False
