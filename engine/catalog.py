@@ -364,8 +364,11 @@ class Catalog:
         with self._lock:
             return {row[0] for row in self._conn.execute("SELECT name FROM damage_objects")}
 
-    def add_damage(self, name: str, packs: dict[PackId, tuple[list[ChunkId], bool]]) -> None:
-        """Record one damage record: per pack, its damaged blobs and whether it is missing."""
+    def add_damage(self, name: str, packs: dict[PackId, tuple[list[ChunkId], bool]]) -> bool:
+        """Record one damage record: per pack, its damaged blobs and whether it is missing.
+        The index keeps one place per blob: when it places one where this record says it
+        is damaged, an intact copy elsewhere may have been passed over when the index was
+        loaded, so the index is cleared, to be loaded again with the damage known (True)."""
         with self._lock, self._conn:
             self._conn.execute("BEGIN")
             self._conn.executemany("INSERT OR IGNORE INTO damaged_packs VALUES (?, ?, ?)",
@@ -373,6 +376,12 @@ class Catalog:
             self._conn.executemany("INSERT OR IGNORE INTO damaged VALUES (?, ?, ?)",
                                    [(bytes(b), bytes(p), name) for p, (blobs, _) in packs.items() for b in blobs])
             self._conn.execute("INSERT OR IGNORE INTO damage_objects VALUES (?)", [name])
+            hit = self._conn.execute("SELECT 1 FROM blobs b JOIN damaged d ON d.id = b.id AND d.pack = b.pack "
+                                     "WHERE d.record = ? LIMIT 1", [name]).fetchone()
+            if hit:
+                for table in ("index_objects", "packs", "blobs"):
+                    self._conn.execute(f"DELETE FROM {table}")
+            return hit is not None
 
     def remove_damage(self, names: Iterable[str]) -> None:
         with self._lock, self._conn:

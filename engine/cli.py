@@ -581,7 +581,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     elif args.repair_command == "packs":
         report = repair.repair_packs(repo, args.pack_ids, dry_run=args.dry_run)
     else:
-        report = repair.repair_snapshots(repo, dry_run=args.dry_run, now=_now)
+        report = repair.repair_snapshots(repo, dry_run=args.dry_run)
     _emit(args, report.to_dict(), _repair_text(args.repair_command, report))
     return 0
 

@@ -45,16 +45,17 @@ def damage_key(now: datetime, data: bytes) -> str:
 
 
 def record_damage(backend: Backend, cipher: Cipher, catalog: Catalog, findings: dict[PackId, Finding],
-                  found_by: str, now: datetime) -> str | None:
+                  found_by: str, now: datetime) -> tuple[str | None, bool]:
     """Write a damage record for what the catalog does not know already, and catalog it;
-    returns its key, or None when there was nothing new or the repository cannot be
-    written (read-only credentials: the read that found it still fails, as it should)."""
+    returns its key (None when there was nothing new or the repository cannot be written:
+    read-only credentials, and the read that found it still fails, as it should), and
+    whether the catalog's index was cleared (``Catalog.add_damage``)."""
     new = {pack: Finding({b for b in f.blobs if not catalog.damage_known(b, pack)}, f.missing)
            for pack, f in findings.items()}
     known = catalog.damaged_packs()
     new = {pack: f for pack, f in new.items() if f.blobs or pack not in known or (f.missing and not known[pack])}
     if not new:
-        return None
+        return None, False
     record = {"time": now.astimezone(timezone.utc).isoformat(), "host": socket.gethostname(), "found_by": found_by,
               "packs": [{"id": bytes(pack), "missing": f.missing, "blobs": sorted(bytes(b) for b in f.blobs)}
                         for pack, f in sorted(new.items())]}
@@ -63,9 +64,8 @@ def record_damage(backend: Backend, cipher: Cipher, catalog: Catalog, findings: 
     try:
         backend.put(key, data)
     except EngineError:
-        return None
-    catalog.add_damage(key[len(DAMAGE_PREFIX):], _findings(record))
-    return key
+        return None, False
+    return key, catalog.add_damage(key[len(DAMAGE_PREFIX):], _findings(record))
 
 
 def read_damage(backend: Backend, cipher: Cipher, name: str) -> dict[str, Any]:
@@ -108,12 +108,17 @@ def remove_settled(backend: Backend, catalog: Catalog) -> list[str]:
     pack the index still names stays recorded. Returns the names deleted."""
     present = {PackId.from_hex(key.rsplit("/", 1)[-1]) for key, _ in backend.list(DATA_PREFIX)}
     present |= set(catalog.packs())
-    settled = [name for name, packs in catalog.damage_by_record().items() if not packs & present]
-    for name in settled:
+    settled = []
+    for name, packs in catalog.damage_by_record().items():
+        if packs & present:
+            continue
         try:
             backend.delete(DAMAGE_PREFIX + name)
         except ObjectNotFound:
-            pass
+            pass  # another process removed it
+        except EngineError:
+            continue  # read-only credentials: it stays, and says only what the index says too
+        settled.append(name)
     catalog.remove_damage(settled)
     return settled
 

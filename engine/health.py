@@ -140,7 +140,6 @@ class Status:
     verify_age: timedelta | None = None  # since the last verify ran
     problems: list[str] = field(default_factory=list)  # why the backup is not healthy
     check: dict[str, Any] | None = None  # the last check's record (format §6.15)
-    damage_warnings: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -172,7 +171,8 @@ def repository_status(repo: Repository, now: datetime, max_age: timedelta | None
 def _judge_repository(repo: Repository, status: Status) -> None:
     """Damage known and not yet repaired, a last check that failed, objects this status
     had to pass over: each makes the backup unhealthy until healed and checked clean."""
-    status.damage_warnings = damage.sync_damage(repo.backend, repo.cipher, repo.catalog)
+    repo.sync_index()  # damage records, and index objects no host has read (damaged ones are met)
+    status.problems += [f"{w}" for w in repo.damage_warnings]
     damaged = repo.catalog.damaged_packs()
     if damaged:
         unhealed = repo.catalog.unhealed_blobs()

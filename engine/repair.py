@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
 from . import damage, locks
-from .errors import EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat, UsageError
+from .errors import BackendError, EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat, UsageError
 from .format import (
     DATA_PREFIX, INDEX_PREFIX, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
     ChunkId, Kind, PackId, SnapshotId, decode_blob, digest, display, index_key, open_object, pack_key, parse_snapshot_key,
@@ -103,32 +103,33 @@ def _rewrite_index(repo: Repository, report: RepairReport, exclude: set[PackId])
     packs garbage records condemn: prune's), from the index objects that read back
     intact and, for packs none of them names, the packs' trailers; then delete the index
     objects it replaces, damaged ones included. The catalog is not trusted for this: it
-    may hold what a damaged object said before it was damaged, or miss what it says."""
+    may hold what a damaged object said before it was damaged, or miss what it says. A
+    read that fails for another reason than damage (storage unreachable) stops it before
+    anything is deleted."""
     repo.sync_index()
+    # index/ before data/: every pack a listed index object names was stored before it, so
+    # a snapshot writing beside the repair never has its new packs taken for missing ones.
+    listed = sorted(key[len(INDEX_PREFIX):] for key, _ in repo.backend.list(INDEX_PREFIX))
     stored = _stored_packs(repo)
     keep = set(stored) - exclude - set(repo.catalog.condemned_packs())
-    listed = sorted(key[len(INDEX_PREFIX):] for key, _ in repo.backend.list(INDEX_PREFIX))
     covered: set[PackId] = set()
+    damaged: set[str] = set()
     for name in listed:
         packs = _index_object_packs(repo, name)
         if packs is None:
+            damaged.add(name)
             report.damaged_index_objects.append(INDEX_PREFIX + name)
         else:
             covered |= {pack for pack, _ in packs}
-    report.packs_dropped = sorted(pack_key(p) for p in covered if p not in stored and p not in exclude)
-    from_trailers: dict[PackId, list[BlobEntry]] = {}
-    for pack in sorted(keep - covered):
-        try:
-            from_trailers[pack] = read_trailer(repo.backend, pack, stored[pack], repo.cipher)
-        except ObjectNotFound:
-            continue
-        except (IntegrityError, UnsupportedFormat) as exc:
-            report.packs_unreadable.append(f"{pack_key(pack)} ({exc})")
-    report.packs_from_trailers = len(from_trailers)
+    report.packs_dropped = sorted(pack_key(p) for p in covered - set(stored) - exclude if _gone(repo, p))
+    from_trailers = sorted(keep - covered)
     if report.dry_run:
+        for _ in _trailer_rows(repo, from_trailers, stored, report):
+            pass
         return
     written: list[str] = []
-    for batch in _index_batches(_index_rows(repo, listed, keep, from_trailers), stored):
+    rows = _index_rows(repo, [n for n in listed if n not in damaged], keep, from_trailers, stored, report)
+    for batch in _index_batches(rows, stored):
         data = seal_object(Kind.INDEX, {"packs": batch}, repo.cipher)
         if repo.held_lock is not None:
             repo.held_lock.ensure_held()
@@ -145,32 +146,62 @@ def _rewrite_index(repo: Repository, report: RepairReport, exclude: set[PackId])
     repo.sync_index()
 
 
+def _gone(repo: Repository, pack: PackId) -> bool:
+    """Whether a pack an index object names is really absent (asked once more)."""
+    try:
+        repo.backend.stat(pack_key(pack))
+        return False
+    except ObjectNotFound:
+        return True
+
+
 def _index_object_packs(repo: Repository, name: str) -> list[tuple[PackId, list[BlobEntry]]] | None:
-    """The packs and entries of one index object read back from storage; None if damaged."""
+    """The packs and entries of one index object read back from storage; None if it is
+    damaged. Any other failure (unreachable storage, the object gone while the prune lock
+    is held) raises: it says nothing about the object, and the repair must stop."""
     try:
         record = repo.read_named(INDEX_PREFIX, Kind.INDEX, name)
         return [(PackId(p["id"]), [BlobEntry.from_row(PackId(p["id"]), row) for row in p["blobs"]])
                 for p in record["packs"]]
-    except ObjectNotFound:
-        return []
-    except (EngineError, KeyError, TypeError, ValueError):
+    except ObjectNotFound as exc:
+        raise BackendError(f"{INDEX_PREFIX}{name} vanished while the index was repaired (another "
+                           f"repair?); run it again") from exc
+    except (IntegrityError, UnsupportedFormat, KeyError, TypeError, ValueError):
         return None
 
 
-def _index_rows(repo: Repository, listed: list[str], keep: set[PackId],
-                from_trailers: dict[PackId, list[BlobEntry]]) -> Iterator[tuple[Any, ...]]:
+def _index_rows(repo: Repository, listed: list[str], keep: set[PackId], from_trailers: list[PackId],
+                stored: dict[PackId, int], report: RepairReport) -> Iterator[tuple[Any, ...]]:
     """Every entry of every kept pack, grouped by pack, once per pack: from the intact
-    index objects (one held in memory at a time), then from the trailers read. A blob
-    stored in two packs keeps both entries, as the packs hold it."""
+    index objects (one held in memory at a time), then from the trailers (one at a time).
+    A blob stored in two packs keeps both entries, as the packs hold it."""
     done: set[PackId] = set()
     for name in listed:
-        for pack, entries in _index_object_packs(repo, name) or []:
+        packs = _index_object_packs(repo, name)
+        if packs is None:
+            raise IntegrityError(f"{INDEX_PREFIX}{name} read back intact, then damaged: nothing was deleted; "
+                                 f"run 'clubsnap repair index' again")
+        for pack, entries in packs:
             if pack in keep and pack not in done:
                 done.add(pack)
                 yield from (_row(e) for e in entries)
-    for pack, entries in sorted(from_trailers.items()):
-        if pack not in done:
-            yield from (_row(e) for e in entries)
+    yield from _trailer_rows(repo, [p for p in from_trailers if p not in done], stored, report)
+
+
+def _trailer_rows(repo: Repository, packs: list[PackId], stored: dict[PackId, int],
+                  report: RepairReport) -> Iterator[tuple[Any, ...]]:
+    """The entries of packs no intact index object names, from their trailers; a pack
+    whose trailer is damaged too is reported (its blobs cannot be found)."""
+    for pack in packs:
+        try:
+            entries = read_trailer(repo.backend, pack, stored[pack], repo.cipher)
+        except ObjectNotFound:
+            continue  # deleted since the listing
+        except (IntegrityError, UnsupportedFormat) as exc:
+            report.packs_unreadable.append(f"{pack_key(pack)} ({exc})")
+            continue
+        report.packs_from_trailers += 1
+        yield from (_row(e) for e in entries)
 
 
 def _row(entry: BlobEntry) -> tuple[Any, ...]:
@@ -296,8 +327,7 @@ def _victims(repo: Repository, lost: set[ChunkId]) -> list[str]:
 
 # ---- repair snapshots -----------------------------------------------------------------------
 
-def repair_snapshots(repo: Repository, dry_run: bool = False,
-                     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> RepairReport:
+def repair_snapshots(repo: Repository, dry_run: bool = False) -> RepairReport:
     report = RepairReport(dry_run)
     with _maintenance(repo, dry_run):
         repo.sync_index()
@@ -319,7 +349,7 @@ def repair_snapshots(repo: Repository, dry_run: bool = False,
                 doomed.append(snap)
                 report.records_removed.append(f"{snap.key} (its root tree is unreadable)")
             else:
-                replaced.append((snap, _replacement(snap, tree, removed, now())))
+                replaced.append((snap, _replacement(snap, tree, removed)))
                 report.records_replaced.append(entry)
         if dry_run:
             return report
@@ -333,8 +363,8 @@ def repair_snapshots(repo: Repository, dry_run: bool = False,
 
 
 def _unreadable_records(repo: Repository, report: RepairReport) -> list[SnapshotInfo]:
-    """Snapshot records that fail when read from storage: put back from a summary's
-    intact copy where there is one, else to be removed."""
+    """Snapshot records that fail when read from storage: put back from an intact copy
+    where there is one (the local catalog's, a summary's), else to be removed."""
     copies = _summary_copies(repo)
     doomed = []
     for time, snap_id, key in repo.snapshot_keys():
@@ -349,6 +379,9 @@ def _unreadable_records(repo: Repository, report: RepairReport) -> list[Snapshot
             continue
         except (IntegrityError, UnsupportedFormat) as exc:
             reason = str(exc)
+        cached = repo.catalog.snapshot_sealed(key)  # the catalog keeps the record as stored
+        if cached is not None and SnapshotId(digest(cached)) == snap_id:
+            copies.setdefault(key, cached)
         if key in copies:
             if not report.dry_run:
                 repo.backend.put(key, copies[key])
@@ -403,7 +436,7 @@ def _without_lost(repo: Repository, tree_id: ChunkId, available: Callable[[list[
         return memo[tree_id]
     try:
         entries = load_tree(repo, tree_id)
-    except EngineError:
+    except (IntegrityError, UnsupportedFormat):  # lost; an unreachable storage raises on
         memo[tree_id] = (None, [b""])
         return memo[tree_id]
     kept, removed = [], []
@@ -433,8 +466,8 @@ def _shown(path: bytes) -> str:
 def _file_readable(repo: Repository, entry: dict[str, Any], available: Callable[[list[ChunkId]], bool]) -> bool:
     try:
         return available(file_chunks(repo, entry))
-    except EngineError:
-        return False  # a database whose page map cannot be read
+    except (IntegrityError, UnsupportedFormat):
+        return False  # a database whose page map is lost
 
 
 class _TreeSink:
@@ -447,12 +480,13 @@ class _TreeSink:
         return self.repo.add_blob(BlobType.TREE, raw, blob_id)
 
 
-def _replacement(snap: SnapshotInfo, tree: ChunkId, removed: list[str], now: datetime) -> dict[str, Any]:
+def _replacement(snap: SnapshotInfo, tree: ChunkId, removed: list[str]) -> dict[str, Any]:
     """The record that replaces ``snap``: the same snapshot (time, host, source) without
     the files it can no longer restore, tagged ``repaired`` and saying what it lacks."""
     record = dict(snap.record)
     record["tree"] = bytes(tree)
     record["tags"] = sorted(set(snap.tags) | {"repaired"})
-    record["repaired"] = {"time": now.astimezone(timezone.utc).isoformat(), "original": bytes(snap.id),
-                          "removed": removed[:MAX_LISTED], "removed_count": len(removed)}
+    # Nothing here varies from run to run: a repair killed after writing it and run again
+    # writes the very same record (same id, same key), never a second one.
+    record["repaired"] = {"original": bytes(snap.id), "removed": removed[:MAX_LISTED], "removed_count": len(removed)}
     return record

@@ -318,8 +318,11 @@ class Repository:
     def note_damage(self, findings: dict[PackId, damage.Finding], found_by: str) -> str | None:
         """Record damage a read found (``engine/damage.py``), so that the next snapshot
         stores those blobs again; returns the record's key, None if nothing new."""
-        return damage.record_damage(self.backend, self.cipher, self.catalog, findings, found_by,
-                                    datetime.now(timezone.utc))
+        key, cleared = damage.record_damage(self.backend, self.cipher, self.catalog, findings, found_by,
+                                            datetime.now(timezone.utc))
+        if cleared:
+            self.sync_index()  # the index again, now choosing intact copies over damaged ones
+        return key
 
     def read_garbage(self, name: str, catalog: bool = False) -> dict[str, Any]:
         """One garbage record (docs/format.md §10); with ``catalog``, its condemned packs
@@ -608,8 +611,10 @@ class Repository:
         except IntegrityError as exc:
             try:
                 return decode_blob(self.backend.get(key, entry.offset, entry.length), entry.id, key, self.cipher)
+            except IntegrityError:
+                pass  # damaged twice: damage
             except EngineError:
-                pass
+                raise exc from None  # the second read failed to arrive: nothing is known
             self.note_damage({entry.pack: damage.Finding({entry.id})}, "read")
             raise IntegrityError(f"{exc} (recorded as damaged: the next snapshot stores it again from the source; "
                                  f"then run 'clubsnap repair packs')") from exc

@@ -152,11 +152,15 @@ def test_one_damaged_snapshot_record_blocks_no_backup(cli: Cli, club: Path, tmp_
     assert cli("forget", ids[0][:8], repo=repo, env=fresh).returncode == 0
     assert not records[0].exists()
 
-    dry = json.loads(cli("repair", "snapshots", "--dry-run", "--json", repo=repo).stdout)
+    # A host with nothing cached can only remove it; the host that took the snapshot has
+    # the record as stored in its catalog, and puts it back.
+    fresh_repair = {"CLUBSNAP_CACHE_DIR": str(tmp_path / "fresh-r")}
+    dry = json.loads(cli("repair", "snapshots", "--dry-run", "--json", repo=repo, env=fresh_repair).stdout)
     assert len(dry["records_removed"]) == 1 and records[1].exists()
-    assert cli("repair", "snapshots", repo=repo).returncode == 0
-    assert not records[1].exists()
-    assert cli("check", repo=repo).returncode == 0
+    fixed = json.loads(cli("repair", "snapshots", "--json", repo=repo).stdout)
+    assert fixed["records_recovered"] == [f"snapshots/{records[1].name}"] and not fixed["records_removed"]
+    assert ids[1] in [s["id"] for s in json.loads(cli("snapshots", "--json", repo=repo, env=fresh_repair).stdout)]
+    assert cli("check", repo=repo, env=fresh_repair).returncode == 0
 
 
 def test_lost_data_is_named_and_snapshots_are_replaced_without_it(cli: Cli, club: Path, tmp_path: Path) -> None:
@@ -231,3 +235,91 @@ def test_a_pack_with_a_damaged_trailer_keeps_every_blob(repo: Repository, club: 
     repaired = repair_packs(repo)
     assert repaired.blobs_lost == 0 and repaired.blobs_salvaged == len(entries)
     assert check(repo, read_data=True).ok
+
+
+class _FlakyBackend(FsBackend):
+    """Fault injection on the real local backend: GETs of keys starting with ``prefix``
+    fail as an unreachable storage would, ``failures`` times, after ``skip`` succeed."""
+
+    def __init__(self, root: Path, prefix: str, failures: int, skip: int = 0) -> None:
+        super().__init__(root)
+        self.prefix, self.failures, self.skip = prefix, failures, skip
+
+    def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if key.startswith(self.prefix) and self.failures:
+            if self.skip:
+                self.skip -= 1
+            else:
+                self.failures -= 1
+                from engine.errors import BackendError
+                raise BackendError(f"{key}: connection reset (injected)")
+        return super().get(key, offset, length)
+
+
+def _flaky(repo: Repository, cache: Path, prefix: str, failures: int, skip: int = 0) -> Repository:
+    return Repository.open(_FlakyBackend(Path(repo.backend.location), prefix, failures, skip), cache)
+
+
+def test_transient_read_errors_are_no_damage(repo: Repository, club: Path, clock: Clock, tmp_path: Path) -> None:
+    """A pack that cannot be read this time is a check error, never a damage record:
+    that would make status fail and repair drop intact data."""
+    create_snapshot(repo, SnapshotOptions(source=club, host="h", now=clock))
+    flaky = _flaky(repo, tmp_path / "flaky", DATA_PREFIX, failures=4)
+    report = check(flaky, read_data=True)
+    assert not report.ok and any("not read back" in e for e in report.errors)
+    assert not list(flaky.backend.list(DAMAGE_PREFIX))
+    flaky.close()
+
+
+def test_repairs_stop_before_deleting_when_storage_fails(repo: Repository, club: Path, clock: Clock,
+                                                         tmp_path: Path) -> None:
+    """An index object or a tree that cannot be read this time is not damage: repair
+    index and repair snapshots stop, and delete nothing."""
+    from engine.errors import BackendError
+    from engine.format import INDEX_PREFIX, SNAPSHOT_PREFIX
+    from engine.repair import repair_index, repair_snapshots
+
+    create_snapshot(repo, SnapshotOptions(source=club, host="h", now=clock))
+    index_before = sorted(repo.backend.list(INDEX_PREFIX))
+    flaky = _flaky(repo, tmp_path / "c1", INDEX_PREFIX, failures=1, skip=len(index_before) + 1)
+    with pytest.raises(BackendError):
+        repair_index(flaky)  # the second read of an index object fails
+    flaky.close()
+    assert sorted(repo.backend.list(INDEX_PREFIX)) == index_before
+    records = sorted(repo.backend.list(SNAPSHOT_PREFIX))
+    flaky = _flaky(repo, tmp_path / "c2", DATA_PREFIX, failures=100)
+    with pytest.raises(BackendError):
+        repair_snapshots(flaky)  # no tree can be read: nothing is lost for it
+    flaky.close()
+    assert sorted(repo.backend.list(SNAPSHOT_PREFIX)) == records
+    assert check(repo, read_data=True).ok
+
+
+def test_a_host_that_loaded_the_damaged_copy_switches_to_the_intact_one(
+        repo: Repository, club: Path, clock: Clock, tmp_path: Path) -> None:
+    """Two copies of the same blobs in two packs (two writers stored them); a host whose
+    catalog chose the one that is later damaged learns of the damage from another host's
+    check and reads the intact copy."""
+    from engine import apply_restore, plan_restore
+    from engine.repository import Repository as Repo
+
+    snap = create_snapshot(repo, SnapshotOptions(source=club, host="h", now=clock)).info
+    key, size = max(repo.backend.list(DATA_PREFIX), key=lambda item: item[1])
+    pack = PackId.from_hex(key.rsplit("/", 1)[-1])
+    entries = read_trailer(repo.backend, pack, size, repo.cipher)
+    repo.start_session()
+    for entry in entries:  # a second copy of every blob of the largest pack, in a new pack
+        repo.copy_blob(entry, repo.backend.get(key, entry.offset, entry.length))
+    repo.flush()
+    host_a = Repo.open(FsBackend(Path(repo.backend.location)), tmp_path / "host-a")
+    host_a.sync_index()
+    chosen = host_a.catalog.lookup(entries[0].id)
+    assert chosen is not None
+    _flip(Path(repo.backend.location) / f"data/{chosen.pack.hex()[:2]}/{chosen.pack.hex()}")
+    host_b = Repo.open(FsBackend(Path(repo.backend.location)), tmp_path / "host-b")
+    assert not check(host_b, read_data=True).ok  # records the damage
+    host_b.close()
+    target = tmp_path / "restored"
+    apply_restore(host_a, plan_restore(host_a, snap, target), set_owner=False)
+    assert club_state(target, live=False) == club_state(club, live=True)
+    host_a.close()
