@@ -39,7 +39,7 @@ from .errors import ObjectNotFound
 from .sources import bucket
 from .sources import sqlite as sqlite_source
 from .sources.files import Item, Scan, scan_tier, tiers_for
-from .pagemap import changed_pages, load_page_ids, store_page_map
+from .pagemap import changed_pages, load_page_ids, map_blobs, store_page_map
 from .tree import Entry, lookup, store_tree
 
 # A file whose ctime is this close to the scan start may still be changing within one
@@ -383,16 +383,26 @@ class _SnapshotBuilder:
 
     def _parent_map(self, capture: _Capture) -> tuple[ChunkId | None, bytearray]:
         """The parent snapshot's map of this database and its page ids, or none: a parent
-        map that cannot be read costs this snapshot a new base, never the snapshot."""
+        map that cannot be read costs this snapshot a new base, never the snapshot. So
+        does one whose records are not all stored intact (readable only from the local
+        tree cache, recorded as damaged, condemned by a prune): this snapshot refers to
+        its map by id, or builds a delta on it, and must not refer to what is lost."""
         entry = capture.parent_entry
         if entry is None or "page_map" not in entry:
             return None, bytearray()
+        map_id = ChunkId(entry["page_map"])
         try:
-            return ChunkId(entry["page_map"]), load_page_ids(self.repo, ChunkId(entry["page_map"]))
+            ids = load_page_ids(self.repo, map_id)
+            records = set(map_blobs(self.repo, map_id))
         except EngineError as exc:
             self.warnings.append(f"{display(capture.item.rel)}: parent page map unreadable ({exc}); "
                                  f"stored as a new base")
             return None, bytearray()
+        if len(self.repo.which_exist(list(records))) < len(records):
+            self.warnings.append(f"{display(capture.item.rel)}: parent page map {map_id.short()} is not stored "
+                                 f"intact (damaged or pruned); stored as a new base")
+            return None, bytearray()
+        return map_id, ids
 
     def _club_expectations(self, conn: sqlite3.Connection) -> list[Expected] | None:
         try:

@@ -323,3 +323,27 @@ def test_a_host_that_loaded_the_damaged_copy_switches_to_the_intact_one(
     apply_restore(host_a, plan_restore(host_a, snap, target), set_owner=False)
     assert club_state(target, live=False) == club_state(club, live=True)
     host_a.close()
+
+
+def test_a_parent_page_map_lost_from_the_repository_is_never_reused(
+        repo: Repository, club: Path, clock: Clock, tmp_path: Path) -> None:
+    """A host still has the parent's page map in its tree cache after its pack was lost:
+    the next snapshot of the unchanged database must store a new map, not refer to the
+    lost one (it would restore without its database)."""
+    from engine import apply_restore, plan_restore
+    from engine.tree import lookup
+
+    first = create_snapshot(repo, SnapshotOptions(source=club, host="h", now=clock)).info
+    clock.advance(minutes=5)
+    page_map = lookup(repo, first.tree, b"db/club.db")[-1]["page_map"]  # type: ignore[index]
+    holder = repo.catalog.lookup(page_map)
+    assert holder is not None
+    (Path(repo.backend.location) / f"data/{holder.pack.hex()[:2]}/{holder.pack.hex()}").unlink()
+    assert not check(repo).ok  # the missing pack is recorded as damage
+    second = create_snapshot(repo, SnapshotOptions(source=club, host="h", now=clock))
+    assert any("parent page map" in w for w in second.warnings), second.warnings
+    fresh = Repository.open(FsBackend(Path(repo.backend.location)), tmp_path / "fresh")
+    target = tmp_path / "restored"
+    apply_restore(fresh, plan_restore(fresh, second.info, target), set_owner=False)
+    assert club_state(target, live=False) == club_state(club, live=True)
+    fresh.close()
