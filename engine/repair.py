@@ -338,7 +338,19 @@ def repair_snapshots(repo: Repository, dry_run: bool = False) -> RepairReport:
         available = _availability(repo)
         memo: dict[ChunkId, tuple[ChunkId | None, list[bytes]]] = {}
         replaced: list[tuple[SnapshotInfo, dict[str, Any]]] = []
-        for snap in repo.snapshots():
+        snapshots = repo.snapshots()
+        # A repair killed between writing a replacement and deleting the original: the
+        # replacement stands (a record's id hashes its encrypted bytes, so writing it anew
+        # would make a second one), and only the original is left to delete.
+        done = {bytes(s.record["repaired"]["original"]): s for s in snapshots if "repaired" in s.record}
+        for snap in snapshots:
+            if bytes(snap.id) in done:
+                doomed.append(snap)
+                report.records_replaced.append({"id": snap.id.hex(), "time": snap.time.isoformat(),
+                                                "new_id": done[bytes(snap.id)].id.hex(),
+                                                **{k: done[bytes(snap.id)].record["repaired"][k]
+                                                   for k in ("removed", "removed_count")}})
+                continue
             tree, lost_paths = _without_lost(repo, snap.tree, available, memo, store=not dry_run)
             if not lost_paths:
                 continue
@@ -486,7 +498,5 @@ def _replacement(snap: SnapshotInfo, tree: ChunkId, removed: list[str]) -> dict[
     record = dict(snap.record)
     record["tree"] = bytes(tree)
     record["tags"] = sorted(set(snap.tags) | {"repaired"})
-    # Nothing here varies from run to run: a repair killed after writing it and run again
-    # writes the very same record (same id, same key), never a second one.
     record["repaired"] = {"original": bytes(snap.id), "removed": removed[:MAX_LISTED], "removed_count": len(removed)}
     return record

@@ -1,11 +1,12 @@
 """A repair killed anywhere leaves the repository as readable as before, and the same
 repair run again finishes it: SIGKILL of the real `clubsnap repair packs|index|snapshots`
-before each of its writes, then the rest of the repair, then the outcome must equal that
+before each of its writes (a put or a delete), then the rest of the repair, then the outcome must equal that
 of a repair never interrupted (the same snapshots, restoring the same data) and
 `check --read-data` must be clean."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,11 +18,15 @@ from typing import Callable
 from benchmarks.clubgen import generate
 from benchmarks.clubstate import club_state
 
-from .conftest import ROOT
+from engine import Repository
+from engine.backends.fs import FsBackend
+from engine.chunker import CDC, chunk_stream
+
+from .conftest import ROOT, TEST_PASSWORD
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 STEPS = ("packs", "index", "snapshots")
-KILL_POINTS = 5  # per step, spread over its writes
+MAX_KILL_POINTS = 12  # per step: before each write, or spread over them when there are more
 
 
 def _flip(path: Path, at: int) -> None:
@@ -55,26 +60,34 @@ def _damaged(cli: Cli, root: Path) -> Path:
     assert cli("init", repo=repo).returncode == 0
     doomed = data / "blobs" / "doomed" / "1.0.0" / "artifacts" / "package.tar.gz"
     doomed.parent.mkdir(parents=True)
-    doomed.write_bytes(os.urandom(200_000))
+    content = os.urandom(200_000)
+    doomed.write_bytes(content)
     assert cli("snapshot", str(data), repo=repo).returncode == 0
     shutil.rmtree(data / "blobs" / "doomed")
     assert cli("snapshot", str(data), repo=repo).returncode == 0
-    largest = max((p for p in (repo / "data").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    _flip(largest, largest.stat().st_size // 2)
+    inspect = Repository.open(FsBackend(repo), root / "inspect", lambda: TEST_PASSWORD.encode())
+    inspect.sync_index()
+    # a byte inside the lost file's first chunk: the one copy of it there is
+    first_chunk = next(chunk_stream(io.BytesIO(content), CDC, inspect.config.chunker))
+    where = inspect.catalog.lookup(inspect.chunk_id(first_chunk))
+    inspect.close()
+    assert where is not None
+    _flip(repo / "data" / where.pack.hex()[:2] / where.pack.hex(), where.offset + where.length // 2)
     _flip(sorted((repo / "index").iterdir())[0], 40)
     cli("check", "--read-data", repo=repo)
     assert cli("snapshot", str(data), repo=repo).returncode == 0
     return repo
 
 
-def _outcome(cli: Cli, repo: Path, cache: Path, target: Path) -> tuple[list[str], dict[str, object]]:
-    result = cli("check", "--read-data", repo=repo, env={"CLUBSNAP_CACHE_DIR": str(cache)})
+def _outcome(cli: Cli, repo: Path, cache: Path, target: Path) -> tuple[list[tuple[str, list[str]]], object]:
+    """The snapshots (time and tags: a replacement's id differs from run to run, as every
+    encrypted object's does) and what the oldest restores, after a clean check."""
+    env = {"CLUBSNAP_CACHE_DIR": str(cache)}
+    result = cli("check", "--read-data", repo=repo, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    ids = [s["id"] for s in json.loads(cli("snapshots", "--json", repo=repo,
-                                            env={"CLUBSNAP_CACHE_DIR": str(cache)}).stdout)]
-    assert cli("restore", ids[0], "--target", str(target), repo=repo,
-               env={"CLUBSNAP_CACHE_DIR": str(cache)}).returncode == 0
-    return ids, club_state(target, live=False)
+    listing = json.loads(cli("snapshots", "--json", repo=repo, env=env).stdout)
+    assert cli("restore", listing[0]["id"], "--target", str(target), repo=repo, env=env).returncode == 0
+    return [(s["time"], s["tags"]) for s in listing], club_state(target, live=False)
 
 
 def test_a_killed_repair_run_again_ends_as_an_uninterrupted_one(cli: Cli, tmp_path: Path) -> None:
@@ -84,7 +97,9 @@ def test_a_killed_repair_run_again_ends_as_an_uninterrupted_one(cli: Cli, tmp_pa
     for step in STEPS:
         assert _repair(reference, tmp_path / "ref-cache", step).returncode == 0
     expected = _outcome(cli, reference, tmp_path / "ref-check", tmp_path / "ref-restore")
-    assert len(expected[0]) == 3  # the oldest snapshot was replaced, without the lost file
+    # the oldest snapshot was replaced by one without the lost file, tagged repaired
+    listing = json.loads(cli("snapshots", "--json", repo=reference).stdout)
+    assert len(listing) == 3 and "repaired" in listing[0]["tags"]
 
     killed = 0
     for number, step in enumerate(STEPS):
@@ -96,7 +111,8 @@ def test_a_killed_repair_run_again_ends_as_an_uninterrupted_one(cli: Cli, tmp_pa
         shutil.copytree(stage, probe)
         writes = _writes(probe, tmp_path / f"probe-cache-{step}", step)
         print(f"repair {step}: {writes} writes")
-        points = sorted({1 + (writes - 1) * k // (KILL_POINTS - 1) for k in range(KILL_POINTS)} if writes else set())
+        points = (list(range(1, writes + 1)) if writes <= MAX_KILL_POINTS
+                  else sorted({1 + (writes - 1) * k // (MAX_KILL_POINTS - 1) for k in range(MAX_KILL_POINTS)}))
         for point in points:
             trial = tmp_path / f"trial-{step}-{point}"
             shutil.copytree(stage, trial)
@@ -109,4 +125,4 @@ def test_a_killed_repair_run_again_ends_as_an_uninterrupted_one(cli: Cli, tmp_pa
             outcome = _outcome(cli, trial, tmp_path / f"check-{step}-{point}", tmp_path / f"restore-{step}-{point}")
             assert outcome == expected, (step, point)
             shutil.rmtree(trial)
-    assert killed >= 6
+    assert killed >= 15
