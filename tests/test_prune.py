@@ -74,10 +74,12 @@ def test_forget_then_prune_frees_what_the_dry_run_predicted(cli: Cli, data: Path
 
     forgotten = _json(cli("forget", "--keep-last", "2", "--json", repo=repo))
     assert len(forgotten["removed"]) == 3 and forgotten["kept"] == 2
+    size_before = _repo_bytes(repo)
+    listing_before = sorted(str(f.relative_to(repo)) for f in repo.rglob("*") if f.is_file())
     dry = _json(cli("prune", "--dry-run", "--json", repo=repo))
     assert dry["predicted_freed_bytes"] > 0 and dry["repack_packs"] + dry["unused_packs"] > 0
-    size_before = _repo_bytes(repo)
     assert _repo_bytes(repo) == size_before, "a dry run writes nothing"
+    assert sorted(str(f.relative_to(repo)) for f in repo.rglob("*") if f.is_file()) == listing_before
     done = _json(cli("prune", "--json", repo=repo))
     freed = size_before - _repo_bytes(repo)
     assert abs(freed - dry["predicted_freed_bytes"]) <= 0.05 * dry["predicted_freed_bytes"], (freed, dry)
