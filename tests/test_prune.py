@@ -97,6 +97,49 @@ def test_forget_then_prune_frees_what_the_dry_run_predicted(cli: Cli, data: Path
     assert again["packs_deleted"] == 0 and again["repack_packs"] == 0
 
 
+def test_prune_keeps_every_part_of_a_split_tree(repo: Repository, data: Path, clock: Clock, tmp_path: Path,
+                                                cache_dir: Path) -> None:
+    """blobs/ with more than SPLIT_ABOVE entries is stored as a tree of parts: prune must mark
+    each part and everything under it, or the kept snapshots lose their packages."""
+    from engine.tree import SPLIT_ABOVE
+
+    blobs = data / "blobs"
+    for n in range(400 - len(list(blobs.iterdir()))):
+        package = blobs / f"zz-extra-{n:03d}"
+        package.mkdir()
+        (package / "1.0.0.tar.gz").write_bytes(f"package {n} ".encode() * 40 + os.urandom(64))
+    assert len(list(blobs.iterdir())) > SPLIT_ABOVE
+    time.sleep(0.1)  # past the files cache's racy-timestamp window (not synchronisation)
+    first = _snapshot(repo, data, clock)
+    blobs_tree = next(e for p, e in walk(repo, first.info.tree) if p == b"blobs")
+    from engine.format import unpack_record
+    assert "parts" in unpack_record(repo.read_blob(blobs_tree["tree"]), "blobs"), "blobs/ must be a split tree"
+    one_day(data, seed=21, day=1)
+    for n in range(0, 400, 7):  # changes in several parts
+        extra = blobs / f"zz-extra-{n:03d}"
+        if extra.exists():
+            (extra / "1.0.1.tar.gz").write_bytes(os.urandom(300))
+    time.sleep(0.1)
+    second = _snapshot(repo, data, clock)
+    one_day(data, seed=21, day=2)
+    time.sleep(0.1)
+    third = _snapshot(repo, data, clock)
+    expected = {snap.info.id: _restored_state(repo, snap.info, tmp_path / f"before-{n}")
+                for n, snap in enumerate((second, third))}
+
+    remove_snapshots(repo, [first.info])
+    report = prune(repo, PruneOptions(max_unused=0.0))
+    assert report.packs_deleted + report.repack_packs > 0, report
+    fresh = reopen(repo, tmp_path / "fresh-cache")
+    try:
+        result = check(fresh, read_data=True)
+        assert result.ok, result.errors
+        for n, snap in enumerate((second, third)):
+            assert _restored_state(fresh, snap.info, tmp_path / f"after-{n}") == expected[snap.info.id]
+    finally:
+        fresh.close()
+
+
 def test_max_unused_bounds_what_is_repacked(repo: Repository, data: Path, clock: Clock, cache_dir: Path) -> None:
     first = _snapshot(repo, data, clock)
     one_day(data, seed=21, day=1)
