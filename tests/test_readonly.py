@@ -84,16 +84,46 @@ def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path
     assert "its -wal holds transactions but there is no -shm index" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions; the bind-mount test covers root")
+NOBODY = 65534  # uid and gid of an unprivileged user, for the test run as root (as CI is)
+
+
 def test_snapshot_of_an_unwritable_data_dir(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    data, repo = tmp_path / "data", tmp_path / "repo"
-    generate(data, "tiny", seed=9)
-    for path in [data, *data.rglob("*")]:
-        path.chmod(path.stat().st_mode & ~0o222)
+    """A data dir the snapshot's user cannot write (permissions, not a mount): as root,
+    which ignores permissions, the snapshot runs as an unprivileged user (setpriv)."""
+    import tempfile
+
+    from benchmarks.clubstate import club_state
+
+    # Outside tmp_path: pytest's base directory is private to root.
+    work = Path(tempfile.mkdtemp(prefix="clubsnap-unwritable-"))
     try:
+        work.chmod(0o755)
+        data, repo, cache = work / "data", work / "repo", work / "cache"
+        generate(data, "tiny", seed=9)
         assert cli("init", repo=repo).returncode == 0
-        result = _read_only_snapshot(data, repo, tmp_path / "cache")
-        assert result.returncode in (0, 3), result.stderr
-    finally:
+        expected = club_state(data, live=False)
+        command = [sys.executable, "-m", "engine", "snapshot", str(data)]
+        if os.geteuid() == 0:
+            cache.mkdir()
+            for path in [repo, *repo.rglob("*"), cache]:
+                os.chown(path, NOBODY, NOBODY)
+            command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *command]
         for path in [data, *data.rglob("*")]:
-            path.chmod(path.stat().st_mode | 0o200)
+            path.chmod(path.stat().st_mode & ~0o222)
+        env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT),
+               "HOME": str(work)}
+        probe = subprocess.run([*command[:command.index(sys.executable)], "touch", str(data / "db" / "probe")],
+                               capture_output=True)
+        assert probe.returncode != 0, "the data dir must be unwritable for the snapshot's user"
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout + result.stderr  # not partial: every file read
+        assert sorted(p.name for p in (data / "db").iterdir()) == ["club.db"], "nothing written to the data dir"
+        restored = work / "restored"
+        assert cli("restore", "latest", "--target", str(restored), repo=repo).returncode == 0
+        assert club_state(restored, live=False) == expected
+    finally:
+        for path in [work, *work.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o200)
+        shutil.rmtree(work)
