@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from benchmarks.clubgen import LiveWriter, generate
 from benchmarks.clubstate import db_dump
 

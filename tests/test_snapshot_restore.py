@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.clubgen import generate, one_day
 from engine import Repository, apply_restore, create_snapshot, plan_restore
-from engine.chunker import chunk_stream, fixed_chunks
+from engine.chunker import chunk_stream
 from engine.pagemap import file_chunks
 from engine.format import DATA_PREFIX, PackId
 from engine.packs import read_trailer
