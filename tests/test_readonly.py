@@ -37,6 +37,14 @@ def _can_bind_read_only(tmp_path: Path) -> bool:
     return result.returncode == 0
 
 
+def _until_commits(writer: LiveWriter, count: int) -> None:
+    """Wait on the writer's commit count (a guard turns a stalled writer into a failure)."""
+    deadline = time.monotonic() + 180
+    while writer.live_commits < count:
+        assert time.monotonic() < deadline, f"the writer made {writer.live_commits} of {count} commits"
+        time.sleep(0.01)
+
+
 def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data, repo, cache = tmp_path / "data", tmp_path / "repo", tmp_path / "cache"
     generate(data, "tiny", seed=8)
@@ -45,12 +53,11 @@ def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path
     assert cli("init", repo=repo).returncode == 0
     ids = []
     with LiveWriter(data, interval=0.003, publish_every=15) as writer:
-        time.sleep(0.3)
-        for _ in range(3):
+        for n in range(3):
+            _until_commits(writer, 20 * (n + 1))  # club has written (and published) since the last one
             result = _read_only_snapshot(data, repo, cache)
             assert result.returncode == 0, result.stderr  # not partial: every file read, the WAL too
             ids.append(result.stdout.split()[1])
-            time.sleep(0.2)
     assert writer.commits > 0 and writer.publishes > 0
     for snap in ids:  # each one consistent: restored, every row's blob there, integrity_check ok
         verified = cli("verify", snap, "--temp-dir", str(tmp_path), repo=repo)
