@@ -113,3 +113,74 @@ def test_latest_and_at_pick_by_host_path_and_tag(cli: Cli, tmp_path: Path) -> No
     assert json.loads(newest.stdout)["id"][:8] in verified.stdout
     missing = cli("restore", "latest", "--host", "gamma", "--target", str(tmp_path / "t"), repo=repo)
     assert missing.returncode == 14 and missing.stderr.strip() == "clubsnap: no snapshot of host gamma"
+
+
+def test_diff_marks_every_kind_of_change(cli: Cli, tmp_path: Path) -> None:
+    import os
+
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    blobs = data / "blobs"
+    (data / "db").mkdir(parents=True)
+    for name in ("same", "removed", "content", "mode", "mtime"):
+        (blobs / name).mkdir(parents=True)
+        (blobs / name / "f").write_bytes(name.encode() * 100)
+    (blobs / "removed" / "g").write_bytes(b"g")
+    os.utime(blobs / "mtime" / "f", ns=(10**18, 10**18))
+    _ok(cli("init", repo=repo))
+    first = json.loads(_ok(cli("snapshot", str(data), "--json", repo=repo)).stdout)["id"]
+    for path in (blobs / "removed" / "f", blobs / "removed" / "g"):
+        path.unlink()
+    (blobs / "removed").rmdir()
+    (blobs / "content" / "f").write_bytes(b"other content, other size")
+    (blobs / "mode" / "f").chmod(0o600)
+    os.utime(blobs / "mtime" / "f", ns=(2 * 10**18, 2 * 10**18))
+    (blobs / "added").mkdir()
+    (blobs / "added" / "h").write_bytes(b"new")
+    second = json.loads(_ok(cli("snapshot", str(data), "--json", repo=repo)).stdout)["id"]
+
+    text = _ok(cli("diff", first[:8], second[:8], repo=repo)).stdout.splitlines()
+    expected = ["+  blobs/added", "+  blobs/added/h", "M  blobs/content/f", "m  blobs/mode/f", "m  blobs/mtime/f",
+                "-  blobs/removed", "-  blobs/removed/f", "-  blobs/removed/g"]
+    changes = [line for line in text if not line.endswith("change(s)")]
+    assert sorted(changes) == sorted(expected), text
+    assert text[-1] == f"{len(expected)} change(s)"
+    as_json = json.loads(_ok(cli("diff", first, second, "--json", repo=repo)).stdout)
+    by_path = {c["path"]: (c["change"], c["size_delta"]) for c in as_json}
+    assert by_path["blobs/content/f"] == ("M", len(b"other content, other size") - 700)
+    assert by_path["blobs/added/h"] == ("+", 3) and by_path["blobs/removed/g"] == ("-", -1)
+    assert not [c for c in as_json if "same" in c["path"]]
+    reverse = _ok(cli("diff", second, first, repo=repo)).stdout
+    assert "-  blobs/added/h" in reverse and "+  blobs/removed/f" in reverse
+
+
+def test_stats_and_read_data_subset_match_the_repository(cli: Cli, tmp_path: Path) -> None:
+    import random
+
+    data, repo = tmp_path / "data", tmp_path / "repo"
+    (data / "db").mkdir(parents=True)
+    rng = random.Random(3)
+    for n in range(5):  # incompressible and over the pack size in total: several packs
+        (data / "blobs" / f"p{n}").mkdir(parents=True)
+        (data / "blobs" / f"p{n}" / "t.tar.gz").write_bytes(rng.randbytes(5 << 20))
+    _ok(cli("init", repo=repo))
+    _ok(cli("snapshot", str(data), repo=repo))
+    (data / "blobs" / "p0" / "u.tar.gz").write_bytes(rng.randbytes(1000))
+    _ok(cli("snapshot", str(data), repo=repo))
+    packs = [p for p in (repo / "data").rglob("*") if p.is_file()]
+    assert len(packs) >= 3
+    listed = json.loads(_ok(cli("snapshots", "--json", repo=repo)).stdout)
+    stats = json.loads(_ok(cli("stats", "--json", repo=repo)).stdout)
+    assert stats["snapshots"] == 2
+    assert stats["packs"] == len(packs) and stats["pack_bytes"] == sum(p.stat().st_size for p in packs)
+    assert stats["latest_snapshot_bytes"] == listed[-1]["size"] >= 25 << 20
+    assert stats["all_snapshots_bytes"] == sum(s["size"] for s in listed)
+    assert stats["dedup_ratio"] == round(stats["all_snapshots_bytes"] / stats["pack_bytes"], 2) > 1.5
+    assert stats["chunk_bytes_raw"] >= 25 << 20 and stats["chunk_bytes_stored"] <= stats["pack_bytes"]
+    assert stats["chunks"] > 25 << 20 >> 21  # CDC chunks of at most 2 MiB
+
+    for percent, wanted in (("50%", round(len(packs) * 0.5)), ("1%", 1), ("100%", len(packs))):
+        checked = json.loads(_ok(cli("check", "--read-data-subset", percent, "--json", repo=repo)).stdout)
+        assert checked["ok"] and checked["packs"] == len(packs)
+        assert checked["packs_read"] == max(1, wanted), (percent, checked)
+    plain = json.loads(_ok(cli("check", "--json", repo=repo)).stdout)
+    assert plain["packs_read"] == 0

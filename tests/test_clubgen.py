@@ -73,11 +73,9 @@ def test_generate_refuses_non_empty_root(tiny: Path) -> None:
         generate(tiny, "tiny")
 
 
-def test_tiny_is_small_and_fast(tmp_path: Path) -> None:
-    started = time.perf_counter()
+def test_tiny_is_small(tmp_path: Path) -> None:
+    # Its speed (target: well under 2 s) is a benchmark's figure (docs/benchmarks-analysis.md).
     summary = generate(tmp_path / "t", "tiny", seed=1)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 5, f"tiny generate took {elapsed:.1f}s (target: well under 2 s)"
     sizes = summary["bytes"]
     assert 0.5e6 < sizes["db"] < 4e6
     assert 2e6 < sizes["blobs"] < 8e6

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -41,49 +41,48 @@ def _bulky_data_dir(root: Path) -> Path:
     return root
 
 
-def _spawn_snapshot(repo: Path, data: Path, cache: Path) -> subprocess.Popen[bytes]:
+def _spawn_snapshot(repo: Path, data: Path, cache: Path, kill_at: int | None = None) -> subprocess.Popen[bytes]:
+    """A real `clubsnap snapshot`; with ``kill_at`` N, SIGKILLed just before its N-th change
+    to the repository (tests/kill_at.py)."""
     env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "engine", "snapshot", str(data)], env=env,
+    module = "engine"
+    if kill_at is not None:
+        env["CLUBSNAP_TEST_KILL_AT"] = str(kill_at)
+        module = "tests.kill_at"
+    return subprocess.Popen([sys.executable, "-m", module, "snapshot", str(data)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
 
 
 def test_sigkill_at_many_points_leaves_a_valid_repository(cli: Cli, tmp_path: Path) -> None:
-    """Twelve kill moments spread over a full run, each into a repository that already
-    holds an earlier, killed attempt; after each: check passes, a new run completes."""
+    """Killed before each of its changes to the repository in turn (a put or a delete: the
+    moments a kill can leave a different repository), each time into a repository that
+    already holds an earlier, killed attempt; after each: check passes, a new run
+    completes. The kill points are counted, not timed: a loaded machine kills at the same ones."""
     data = _bulky_data_dir(tmp_path / "data")
     probe_repo = tmp_path / "probe"
     assert cli("init", repo=probe_repo).returncode == 0
-    started = time.monotonic()
-    assert _spawn_snapshot(probe_repo, data, tmp_path / "probe-cache").wait() == 0
-    duration = time.monotonic() - started
+    probe = _spawn_snapshot(probe_repo, data, tmp_path / "probe-cache", kill_at=0)
+    _, err = probe.communicate()
+    assert probe.returncode == 0, err
+    changes = int(re.findall(rb"changes: (\d+)", err)[-1])
+    assert changes >= 8, "the run must make enough changes to be killed at many distinct points"
 
-    killed = 0
-    for point in range(12):
+    for point in range(1, changes + 1):
         repo = tmp_path / f"repo-{point}"
         cache = tmp_path / f"cache-{point}"
-        delay = duration * (point + 0.5) / 13
-        for _attempt in range(5):  # a run that finished before its kill is retried sooner
-            shutil.rmtree(repo, ignore_errors=True)
-            shutil.rmtree(cache, ignore_errors=True)
-            assert cli("init", repo=repo).returncode == 0
-            process = _spawn_snapshot(repo, data, cache)
-            time.sleep(delay)
-            finished = process.poll() is not None
-            if not finished:
-                process.send_signal(signal.SIGKILL)
-            process.wait()
-            if not finished:
-                killed += 1
-                break
-            delay *= 0.6
+        assert cli("init", repo=repo).returncode == 0
+        killed = _spawn_snapshot(repo, data, cache, kill_at=point)
+        assert killed.wait() == -signal.SIGKILL, f"kill point {point}: the run was not killed"
+        # A second attempt, killed at the same count into what the first left (it reuses
+        # what the first uploaded, so it may make fewer changes and finish).
+        assert _spawn_snapshot(repo, data, cache, kill_at=point).wait() in (0, -signal.SIGKILL)
         result = cli("check", repo=repo)
         assert result.returncode == 0, f"kill point {point}: {result.stdout}{result.stderr}"
         assert _spawn_snapshot(repo, data, cache if point % 2 else tmp_path / f"cold-{point}").wait() == 0
         result = cli("check", "--read-data" if point % 4 == 0 else "--read-data-subset=50%", repo=repo)
         assert result.returncode == 0, f"after kill point {point}: {result.stdout}{result.stderr}"
-    assert killed >= 10
 
-    assert cli("restore", "latest", "--target", str(tmp_path / "restored"), repo=tmp_path / "repo-6").returncode == 0
+    assert cli("restore", "latest", "--target", str(tmp_path / "restored"), repo=tmp_path / f"repo-{changes // 2}").returncode == 0
     assert club_state(tmp_path / "restored", live=False) == club_state(data, live=True)
 
 

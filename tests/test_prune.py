@@ -74,10 +74,12 @@ def test_forget_then_prune_frees_what_the_dry_run_predicted(cli: Cli, data: Path
 
     forgotten = _json(cli("forget", "--keep-last", "2", "--json", repo=repo))
     assert len(forgotten["removed"]) == 3 and forgotten["kept"] == 2
+    size_before = _repo_bytes(repo)
+    listing_before = sorted(str(f.relative_to(repo)) for f in repo.rglob("*") if f.is_file())
     dry = _json(cli("prune", "--dry-run", "--json", repo=repo))
     assert dry["predicted_freed_bytes"] > 0 and dry["repack_packs"] + dry["unused_packs"] > 0
-    size_before = _repo_bytes(repo)
     assert _repo_bytes(repo) == size_before, "a dry run writes nothing"
+    assert sorted(str(f.relative_to(repo)) for f in repo.rglob("*") if f.is_file()) == listing_before
     done = _json(cli("prune", "--json", repo=repo))
     freed = size_before - _repo_bytes(repo)
     assert abs(freed - dry["predicted_freed_bytes"]) <= 0.05 * dry["predicted_freed_bytes"], (freed, dry)
@@ -93,6 +95,49 @@ def test_forget_then_prune_frees_what_the_dry_run_predicted(cli: Cli, data: Path
     # A second prune finds nothing more to do.
     again = _json(cli("prune", "--json", repo=repo))
     assert again["packs_deleted"] == 0 and again["repack_packs"] == 0
+
+
+def test_prune_keeps_every_part_of_a_split_tree(repo: Repository, data: Path, clock: Clock, tmp_path: Path,
+                                                cache_dir: Path) -> None:
+    """blobs/ with more than SPLIT_ABOVE entries is stored as a tree of parts: prune must mark
+    each part and everything under it, or the kept snapshots lose their packages."""
+    from engine.tree import SPLIT_ABOVE
+
+    blobs = data / "blobs"
+    for n in range(400 - len(list(blobs.iterdir()))):
+        package = blobs / f"zz-extra-{n:03d}"
+        package.mkdir()
+        (package / "1.0.0.tar.gz").write_bytes(f"package {n} ".encode() * 40 + os.urandom(64))
+    assert len(list(blobs.iterdir())) > SPLIT_ABOVE
+    time.sleep(0.1)  # past the files cache's racy-timestamp window (not synchronisation)
+    first = _snapshot(repo, data, clock)
+    blobs_tree = next(e for p, e in walk(repo, first.info.tree) if p == b"blobs")
+    from engine.format import unpack_record
+    assert "parts" in unpack_record(repo.read_blob(blobs_tree["tree"]), "blobs"), "blobs/ must be a split tree"
+    one_day(data, seed=21, day=1)
+    for n in range(0, 400, 7):  # changes in several parts
+        extra = blobs / f"zz-extra-{n:03d}"
+        if extra.exists():
+            (extra / "1.0.1.tar.gz").write_bytes(os.urandom(300))
+    time.sleep(0.1)
+    second = _snapshot(repo, data, clock)
+    one_day(data, seed=21, day=2)
+    time.sleep(0.1)
+    third = _snapshot(repo, data, clock)
+    expected = {snap.info.id: _restored_state(repo, snap.info, tmp_path / f"before-{n}")
+                for n, snap in enumerate((second, third))}
+
+    remove_snapshots(repo, [first.info])
+    report = prune(repo, PruneOptions(max_unused=0.0))
+    assert report.packs_deleted + report.repack_packs > 0, report
+    fresh = reopen(repo, tmp_path / "fresh-cache")
+    try:
+        result = check(fresh, read_data=True)
+        assert result.ok, result.errors
+        for n, snap in enumerate((second, third)):
+            assert _restored_state(fresh, snap.info, tmp_path / f"after-{n}") == expected[snap.info.id]
+    finally:
+        fresh.close()
 
 
 def test_max_unused_bounds_what_is_repacked(repo: Repository, data: Path, clock: Clock, cache_dir: Path) -> None:

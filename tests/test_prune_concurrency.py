@@ -21,7 +21,8 @@ from benchmarks.clubgen import LiveWriter, generate
 
 from .conftest import ROOT
 
-RUN_SECONDS = 45
+GUARD_S = 1200  # turns a hang into a failure; the test ends as soon as enough has happened
+CHANGED = threading.Condition()
 
 
 @dataclass
@@ -41,8 +42,22 @@ def _loop(name: str, args: list[str], cache: Path, repo: Path, stop: threading.E
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "engine", *args], env=env, capture_output=True, text=True,
                               timeout=600, stdin=subprocess.DEVNULL)
-        runs.append(Run(name, started, time.monotonic(), done.returncode, done.stdout, done.stderr))
+        with CHANGED:
+            runs.append(Run(name, started, time.monotonic(), done.returncode, done.stdout, done.stderr))
+            CHANGED.notify_all()
         stop.wait(pause)
+
+
+def _enough(runs: list[Run]) -> bool:
+    """Twelve snapshots, five prunes, three of them beside a snapshot, packs deleted; or a
+    failure. (What 45 s gave on an idle machine, without depending on the machine.)"""
+    if any(r.code != 0 for r in runs):
+        return True
+    snapshots = [r for r in runs if r.command == "snapshot"]
+    prunes = [r for r in runs if r.command == "prune"]
+    return (len(snapshots) >= 12 and len(prunes) >= 5
+            and sum(any(s.started < p.ended and p.started < s.ended for s in snapshots) for p in prunes) >= 3
+            and sum(json.loads(p.stdout)["prune"]["packs_deleted"] for p in prunes) > 0)
 
 
 def test_snapshots_and_prunes_in_parallel_lose_nothing(tmp_path: Path) -> None:
@@ -65,10 +80,12 @@ def test_snapshots_and_prunes_in_parallel_lose_nothing(tmp_path: Path) -> None:
     with LiveWriter(data, interval=0.003, publish_every=20) as writer:
         for loop in loops:
             loop.start()
-        time.sleep(RUN_SECONDS)
+        with CHANGED:  # wait on what ran, not on the clock: a loaded machine only takes longer
+            finished = CHANGED.wait_for(lambda: _enough(runs), timeout=GUARD_S)
         stop.set()
         for loop in loops:
             loop.join()
+    assert finished, f"not enough ran in {GUARD_S} s: {[(r.command, r.code) for r in runs]}"
     assert writer.commits > 0 and writer.publishes > 0
 
     failed = [r for r in runs if r.code != 0]

@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from benchmarks.clubgen import LiveWriter, generate
 from benchmarks.clubstate import db_dump
 
@@ -39,6 +37,14 @@ def _can_bind_read_only(tmp_path: Path) -> bool:
     return result.returncode == 0
 
 
+def _until_commits(writer: LiveWriter, count: int) -> None:
+    """Wait on the writer's commit count (a guard turns a stalled writer into a failure)."""
+    deadline = time.monotonic() + 180
+    while writer.live_commits < count:
+        assert time.monotonic() < deadline, f"the writer made {writer.live_commits} of {count} commits"
+        time.sleep(0.01)
+
+
 def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     data, repo, cache = tmp_path / "data", tmp_path / "repo", tmp_path / "cache"
     generate(data, "tiny", seed=8)
@@ -47,12 +53,11 @@ def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path
     assert cli("init", repo=repo).returncode == 0
     ids = []
     with LiveWriter(data, interval=0.003, publish_every=15) as writer:
-        time.sleep(0.3)
-        for _ in range(3):
+        for n in range(3):
+            _until_commits(writer, 20 * (n + 1))  # club has written (and published) since the last one
             result = _read_only_snapshot(data, repo, cache)
             assert result.returncode == 0, result.stderr  # not partial: every file read, the WAL too
             ids.append(result.stdout.split()[1])
-            time.sleep(0.2)
     assert writer.commits > 0 and writer.publishes > 0
     for snap in ids:  # each one consistent: restored, every row's blob there, integrity_check ok
         verified = cli("verify", snap, "--temp-dir", str(tmp_path), repo=repo)
@@ -84,16 +89,46 @@ def test_snapshots_of_a_read_only_data_dir_while_club_writes(cli, tmp_path: Path
     assert "its -wal holds transactions but there is no -shm index" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions; the bind-mount test covers root")
+NOBODY = 65534  # uid and gid of an unprivileged user, for the test run as root (as CI is)
+
+
 def test_snapshot_of_an_unwritable_data_dir(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    data, repo = tmp_path / "data", tmp_path / "repo"
-    generate(data, "tiny", seed=9)
-    for path in [data, *data.rglob("*")]:
-        path.chmod(path.stat().st_mode & ~0o222)
+    """A data dir the snapshot's user cannot write (permissions, not a mount): as root,
+    which ignores permissions, the snapshot runs as an unprivileged user (setpriv)."""
+    import tempfile
+
+    from benchmarks.clubstate import club_state
+
+    # Outside tmp_path: pytest's base directory is private to root.
+    work = Path(tempfile.mkdtemp(prefix="clubsnap-unwritable-"))
     try:
+        work.chmod(0o755)
+        data, repo, cache = work / "data", work / "repo", work / "cache"
+        generate(data, "tiny", seed=9)
         assert cli("init", repo=repo).returncode == 0
-        result = _read_only_snapshot(data, repo, tmp_path / "cache")
-        assert result.returncode in (0, 3), result.stderr
-    finally:
+        expected = club_state(data, live=False)
+        command = [sys.executable, "-m", "engine", "snapshot", str(data)]
+        if os.geteuid() == 0:
+            cache.mkdir()
+            for path in [repo, *repo.rglob("*"), cache]:
+                os.chown(path, NOBODY, NOBODY)
+            command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *command]
         for path in [data, *data.rglob("*")]:
-            path.chmod(path.stat().st_mode | 0o200)
+            path.chmod(path.stat().st_mode & ~0o222)
+        env = {**os.environ, "CLUBSNAP_REPO": str(repo), "CLUBSNAP_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT),
+               "HOME": str(work)}
+        probe = subprocess.run([*command[:command.index(sys.executable)], "touch", str(data / "db" / "probe")],
+                               capture_output=True)
+        assert probe.returncode != 0, "the data dir must be unwritable for the snapshot's user"
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                                stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stdout + result.stderr  # not partial: every file read
+        assert sorted(p.name for p in (data / "db").iterdir()) == ["club.db"], "nothing written to the data dir"
+        restored = work / "restored"
+        assert cli("restore", "latest", "--target", str(restored), repo=repo).returncode == 0
+        assert club_state(restored, live=False) == expected
+    finally:
+        for path in [work, *work.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o200)
+        shutil.rmtree(work)

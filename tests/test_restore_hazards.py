@@ -147,7 +147,12 @@ def test_symlinked_tier_is_followed(repo: Repository, clock: Clock, tmp_path: Pa
     snap = _snap(repo, data, clock, tmp_path)
     assert snap.record["tiers"]["blobs"]["files"] == 1
     apply_restore(repo, plan_restore(repo, snap, tmp_path / "t"))
-    assert (tmp_path / "t" / "blobs" / "pkg" / "1.0.0" / "artifacts" / "package.tar.gz").is_file()
+    restored = tmp_path / "t" / "blobs"
+    assert restored.is_dir() and not restored.is_symlink()  # a real directory, not the link
+    source = tmp_path / "elsewhere"
+    assert {str(p.relative_to(restored)): p.read_bytes() for p in restored.rglob("*") if p.is_file()} == {
+        str(p.relative_to(source)): p.read_bytes() for p in source.rglob("*") if p.is_file()}
+    assert (restored / "pkg" / "1.0.0" / "artifacts" / "package.tar.gz").stat().st_size > 0
 
 
 def test_check_rereads_records_even_with_a_warm_catalog(repo: Repository, clock: Clock, tmp_path: Path) -> None:

@@ -305,3 +305,48 @@ def test_within_hours_are_elapsed_time_across_dst() -> None:
 def test_within_boundary_is_exclusive() -> None:
     cands = snaps(u(2026, 3, 10, 12), u(2026, 3, 9, 12, 1), u(2026, 3, 9, 12))
     assert kept(run(Policy(within=Duration.parse("1d")), cands)) == ["2026-03-10T12:00", "2026-03-09T12:01"]
+
+
+# ---- forget through the CLI: the groups --------------------------------------------------
+
+def test_forget_groups_by_host_and_data_dir_unless_told_otherwise(cli, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    repo = tmp_path / "repo"
+    assert cli("init", repo=repo).returncode == 0
+    sources = []
+    for name in ("one", "two"):
+        source = tmp_path / name
+        (source / "blobs").mkdir(parents=True)
+        (source / "db").mkdir()
+        (source / "blobs" / "x").write_text(name)
+        sources.append(source)
+    made: dict[tuple[str, str], list[str]] = {}
+    for host, source in (("alpha", sources[0]), ("beta", sources[0]), ("alpha", sources[1])):
+        for _ in range(2):
+            result = cli("snapshot", str(source), "--host", host, "--json", repo=repo)
+            assert result.returncode == 0, result.stderr
+            made.setdefault((host, str(source)), []).append(json.loads(result.stdout)["id"])
+    newest = {ids[-1] for ids in made.values()}
+    every = {i for ids in made.values() for i in ids}
+
+    def forget(*args: str) -> dict:  # type: ignore[type-arg]
+        result = cli("forget", "--keep-last", "1", "--json", *args, repo=repo)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    default = forget("--dry-run")
+    assert set(default["removed"]) == every - newest and default["kept"] == 3
+    assert sorted((g["group"]["host"], g["group"]["source"]) for g in default["groups"]) == sorted(made)
+    by_host = forget("--dry-run", "--group-by", "host")
+    assert sorted(g["group"]["host"] for g in by_host["groups"]) == ["alpha", "beta"]
+    assert set(by_host["removed"]) == every - {made[("alpha", str(sources[1]))][-1], made[("beta", str(sources[0]))][-1]}
+    one_group = forget("--dry-run", "--group-by", "")
+    assert [g["group"] for g in one_group["groups"]] == [{}]
+    assert set(one_group["removed"]) == every - {made[("alpha", str(sources[1]))][-1]}  # the newest of all
+    listed = {s["id"] for s in json.loads(cli("snapshots", "--json", repo=repo).stdout)}
+    assert listed == every, "a dry run removes nothing"
+
+    done = forget()
+    assert set(done["removed"]) == every - newest
+    assert {s["id"] for s in json.loads(cli("snapshots", "--json", repo=repo).stdout)} == newest
