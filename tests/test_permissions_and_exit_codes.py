@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import pytest
 
 from engine import cli as cli_module
-from engine.catalog import Catalog, catalog_error
+from engine.catalog import CachedFile, Catalog, catalog_error
 from engine.errors import EngineError, StorageFull
 
 from .test_cli_errors import _mini_data_dir
@@ -100,13 +100,16 @@ def test_catalog_filling_up_after_open_is_exit_17(tmp_path: Path, small_fs: Path
     real_update = Catalog.update_files
     failures: list[BaseException] = []
 
-    def filling_update(self: Catalog, *args: object) -> None:
+    def filling_update(self: Catalog, source: str, changed: dict[bytes, CachedFile], gone: object) -> None:
         # A checkpoint that truncates the WAL first: otherwise the write may land in WAL
-        # space already allocated (after an earlier checkpoint) and need no new block.
+        # space already allocated (after an earlier checkpoint) and need no new block. And
+        # rows enough to need new pages: files younger than the racy window are not cached,
+        # and a write of nothing needs no space at all.
         self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         _fill(small_fs)
+        padding = {f"pad/{number}".encode(): CachedFile(1, 1, 1, 1, []) for number in range(2000)}
         try:
-            real_update(self, *args)  # type: ignore[arg-type]
+            real_update(self, source, {**changed, **padding}, gone)  # type: ignore[arg-type]
         except BaseException as exc:
             failures.append(exc)
             raise
