@@ -20,28 +20,25 @@ snapshot passes ``check_club`` only if every row's blobs came with it.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import sqlite3
 import time
-import traceback
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
+from .child import ChildWriter, run_child
 from .rand import sha256_hex
 from .schema import open_club
 from .server import WallClock
 from .store import BlobStore
 
 ORDERS = ("club", "reverse")
-START_TIMEOUT = 60.0
 
 
-class ChurnWriter:
+class ChurnWriter(ChildWriter):
     """Context manager running the churn process from ``__enter__`` to ``__exit__``.
 
     ``published`` and ``deleted`` count while it runs (shared counters); after exit,
@@ -49,20 +46,18 @@ class ChurnWriter:
     held club's write lock past its busy_timeout).
     """
 
+    name = "churn"
+
     def __init__(self, root: Path, order: str = "club", publishes_per_s: float = 50.0,
                  deletes_per_s: float = 15.0, seed: int = 0) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, not {order!r}")
+        super().__init__()
         self.root, self.order, self.seed = Path(root), order, seed
         self.rates = (publishes_per_s, deletes_per_s)
         self.busy = 0
-        self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()
-        self._ready = self._ctx.Event()
         self._published: Synchronized[int] = self._ctx.Value("q", 0)
         self._deleted: Synchronized[int] = self._ctx.Value("q", 0)
-        self._process: Any = None
-        self._receiver: Connection | None = None
 
     @property
     def published(self) -> int:
@@ -72,47 +67,26 @@ class ChurnWriter:
     def deleted(self) -> int:
         return int(self._deleted.value)
 
-    def __enter__(self) -> ChurnWriter:
-        receiver, sender = self._ctx.Pipe(duplex=False)
-        args = (str(self.root), self.order, self.rates, self.seed, self._stop, self._ready,
-                self._published, self._deleted, sender)
-        self._process = self._ctx.Process(target=_churn_main, args=args, name="clubgen-churn", daemon=True)
-        self._process.start()
-        sender.close()
-        self._receiver = receiver
-        if not self._ready.wait(START_TIMEOUT):
-            self._stop.set()
-            raise RuntimeError(f"ChurnWriter did not start: {self._result()}")
-        return self
+    def target(self) -> Callable[..., None]:
+        return _churn_main
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        status, payload = self._result()
-        self._process.join(30)
-        if status != "ok" and kind is None:
-            raise RuntimeError(f"ChurnWriter failed:\n{payload}")
-        if status == "ok":
-            self.busy = int(payload)
+    def args(self) -> tuple[Any, ...]:
+        return str(self.root), self.order, self.rates, self.seed, self._published, self._deleted
 
-    def _result(self) -> tuple[str, Any]:
-        assert self._receiver is not None
-        try:
-            status, payload = self._receiver.recv()
-            return str(status), payload
-        except EOFError:
-            return "error", f"churn process exited with code {self._process.exitcode}"
+    def finished(self, payload: Any) -> None:
+        self.busy = int(payload)
 
 
-def _churn_main(root: str, order: str, rates: tuple[float, float], seed: int, stop: Event, ready: Event,
-                published: Synchronized[int], deleted: Synchronized[int], sender: Connection) -> None:
-    try:
+def _churn_main(root: str, order: str, rates: tuple[float, float], seed: int, published: Synchronized[int],
+                deleted: Synchronized[int], stop: Event, ready: Event, sender: Connection) -> None:
+    def churn() -> int:
         conn = open_club(Path(root) / "db" / "club.db")
-        churn = _Churn(conn, BlobStore(Path(root), WallClock().micros), order, random.Random(seed), seed)
-        sender.send(("ok", churn.run(rates, stop, ready, published, deleted)))
+        busy = _Churn(conn, BlobStore(Path(root), WallClock().micros), order, random.Random(seed), seed).run(
+            rates, stop, ready, published, deleted)
         conn.close()
-    except BaseException:
-        ready.set()
-        sender.send(("error", traceback.format_exc()))
+        return busy
+
+    run_child(churn, ready, sender)
 
 
 class _Churn:

@@ -10,19 +10,17 @@ block the server for longer than its busy timeout.
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import sqlite3
 import time
-import traceback
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
+from .child import ChildWriter, run_child
 from .profiles import load_meta
 from .publish import publish
 from .successor import spec_from
@@ -33,10 +31,8 @@ from .semver import next_stable
 from .server import Server, WallClock, make_server
 from .traffic import UPSERT
 
-START_TIMEOUT = 60.0
 
-
-class LiveWriter:
+class LiveWriter(ChildWriter):
     """Context manager running the writer process from ``__enter__`` to ``__exit__``.
 
     After exit: ``commits`` (request transactions committed), ``publishes`` (full
@@ -44,7 +40,10 @@ class LiveWriter:
     something held the write lock past busy_timeout; a healthy snapshot keeps this 0).
     """
 
+    name = "live writer"
+
     def __init__(self, root: Path, interval: float = 0.005, publish_every: int | None = None, seed: int = 0) -> None:
+        super().__init__()
         self.root = Path(root)
         self.interval = interval
         self.publish_every = publish_every
@@ -52,60 +51,34 @@ class LiveWriter:
         self.commits = 0
         self.publishes = 0
         self.busy = 0
-        self._ctx = multiprocessing.get_context("spawn")
-        self._stop = self._ctx.Event()
-        self._ready = self._ctx.Event()
         self._counter: Synchronized[int] = self._ctx.Value("q", 0)
-        self._process: Any = None
-        self._receiver: Connection | None = None
 
-    def __enter__(self) -> LiveWriter:
-        receiver, sender = self._ctx.Pipe(duplex=False)
-        args = (str(self.root), self.interval, self.publish_every, self.seed, self._stop, self._ready,
-                self._counter, sender)
-        self._process = self._ctx.Process(target=_writer_main, args=args, name="clubgen-live-writer", daemon=True)
-        self._process.start()
-        sender.close()
-        self._receiver = receiver
-        if not self._ready.wait(START_TIMEOUT):
-            self._stop.set()
-            raise RuntimeError(f"LiveWriter did not start: {self._result()}")
-        return self
+    def target(self) -> Callable[..., None]:
+        return _writer_main
+
+    def args(self) -> tuple[Any, ...]:
+        return str(self.root), self.interval, self.publish_every, self.seed, self._counter
+
+    def finished(self, payload: Any) -> None:
+        self.commits, self.publishes, self.busy = payload
 
     @property
     def live_commits(self) -> int:
         """Commits so far, readable while the writer runs."""
         return int(self._counter.value)
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self._stop.set()
-        status, payload = self._result()
-        self._process.join(30)
-        if status != "ok" and kind is None:
-            raise RuntimeError(f"LiveWriter failed:\n{payload}")
-        if status == "ok":
-            self.commits, self.publishes, self.busy = payload
 
-    def _result(self) -> tuple[str, Any]:
-        assert self._receiver is not None
-        try:
-            status, payload = self._receiver.recv()
-            return str(status), payload
-        except EOFError:
-            return "error", f"writer process exited with code {self._process.exitcode}"
-
-
-def _writer_main(root: str, interval: float, publish_every: int | None, seed: int, stop: Event, ready: Event,
-                 counter: Synchronized[int], sender: Connection) -> None:
+def _writer_main(root: str, interval: float, publish_every: int | None, seed: int, counter: Synchronized[int],
+                 stop: Event, ready: Event, sender: Connection) -> None:
     """Child entry point: serve "requests" until told to stop, then close cleanly."""
-    try:
+    def serve() -> tuple[int, int, int]:
         server = make_server(Path(root), open_club(Path(root) / "db" / "club.db"), WallClock(), load_meta(Path(root)),
                              random.Random(seed))
-        sender.send(("ok", _serve(server, interval, publish_every, stop, ready, counter)))
+        result = _serve(server, interval, publish_every, stop, ready, counter)
         server.conn.close()
-    except BaseException:
-        ready.set()
-        sender.send(("error", traceback.format_exc()))
+        return result
+
+    run_child(serve, ready, sender)
 
 
 def _serve(server: Server, interval: float, publish_every: int | None, stop: Event, ready: Event,
