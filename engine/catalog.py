@@ -396,14 +396,6 @@ class Catalog:
             return {PackId(row[0]): bool(row[1]) for row in self._conn.execute(
                 "SELECT pack, MAX(missing) FROM damaged_packs GROUP BY pack")}
 
-    def damaged_blobs(self) -> dict[ChunkId, set[PackId]]:
-        """Blob ids known damaged, with the packs where they are."""
-        found: dict[ChunkId, set[PackId]] = {}
-        with self._lock:
-            for blob_id, pack in self._conn.execute("SELECT DISTINCT id, pack FROM damaged"):
-                found.setdefault(ChunkId(blob_id), set()).add(PackId(pack))
-        return found
-
     def damage_by_record(self) -> dict[str, set[PackId]]:
         """The packs each damage record names."""
         found: dict[str, set[PackId]] = {name: set() for name in self.damage_names()}

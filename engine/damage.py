@@ -40,8 +40,10 @@ class Finding:
     missing: bool = False  # gone or truncated: every blob the index places there is lost
 
 
-def damage_key(now: datetime, data: bytes) -> str:
-    return f"{DAMAGE_PREFIX}{now.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}"
+def _stamped_key(prefix: str, now: datetime, data: bytes) -> str:
+    """``<prefix><UTC time>_<hash>``: a LIST orders the records by time, and a reader
+    checks the bytes against the name."""
+    return f"{prefix}{now.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}"
 
 
 def record_damage(backend: Backend, cipher: Cipher, catalog: Catalog, findings: dict[PackId, Finding],
@@ -60,7 +62,7 @@ def record_damage(backend: Backend, cipher: Cipher, catalog: Catalog, findings: 
               "packs": [{"id": bytes(pack), "missing": f.missing, "blobs": sorted(bytes(b) for b in f.blobs)}
                         for pack, f in sorted(new.items())]}
     data = seal_object(Kind.DAMAGE, record, cipher)
-    key = damage_key(now, data)
+    key = _stamped_key(DAMAGE_PREFIX, now, data)
     try:
         backend.put(key, data)
     except EngineError:
@@ -132,7 +134,7 @@ def record_check(backend: Backend, cipher: Cipher, now: datetime, read_data: flo
     record = {"time": now.astimezone(timezone.utc).isoformat(), "host": socket.gethostname(),
               "read_data": read_data, "ok": not errors, "error_count": len(errors), "errors": errors[:MAX_LISTED]}
     data = seal_object(Kind.CHECK, record, cipher)
-    key = f"{CHECK_PREFIX}{now.astimezone(timezone.utc).strftime(SNAPSHOT_STAMP)}_{digest(data).hex()}"
+    key = _stamped_key(CHECK_PREFIX, now, data)
     try:
         backend.put(key, data)
         for old in sorted(k for k, _ in backend.list(CHECK_PREFIX))[:-KEEP_CHECKS]:

@@ -172,7 +172,7 @@ def _judge_repository(repo: Repository, status: Status) -> None:
     """Damage known and not yet repaired, a last check that failed, objects this status
     had to pass over: each makes the backup unhealthy until healed and checked clean."""
     repo.sync_index()  # damage records, and index objects no host has read (damaged ones are met)
-    status.problems += [f"{w}" for w in repo.damage_warnings]
+    status.problems += repo.damage_warnings
     damaged = repo.catalog.damaged_packs()
     if damaged:
         unhealed = repo.catalog.unhealed_blobs()

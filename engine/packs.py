@@ -109,13 +109,23 @@ def verify_pack(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[Bl
     if not OLDEST_READABLE_VERSION <= version <= FORMAT_VERSION:
         raise UnsupportedFormat(f"{key}: pack format version {version}, this clubsnap reads "
                                 f"{OLDEST_READABLE_VERSION} to {FORMAT_VERSION}")
-    trailer_length, _ = PACK_FOOTER.unpack_from(data, len(data) - PACK_FOOTER.size)
-    start = len(data) - PACK_FOOTER.size - trailer_length
-    rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key, cipher)
-    entries = [BlobEntry.from_row(pack_id, row) for row in rows]
+    entries = trailer_of(data, pack_id, cipher)
     for entry in entries:  # each blob authenticated (when encrypted) and hash-checked
         decode_blob(memoryview(data)[entry.offset:entry.offset + entry.length], entry.id, key, cipher)
     return entries
+
+
+def trailer_of(data: bytes, pack_id: PackId, cipher: Cipher = PLAIN) -> list[BlobEntry]:
+    """The blob list in the trailer of a pack read whole (or as much of it as is stored)."""
+    key = pack_key(pack_id)
+    if len(data) < PACK_HEADER.size + PACK_FOOTER.size:
+        raise IntegrityError(f"{key}: too short to be a pack")
+    trailer_length, magic = PACK_FOOTER.unpack_from(data, len(data) - PACK_FOOTER.size)
+    start = len(data) - PACK_FOOTER.size - trailer_length
+    if magic != PACK_FOOTER_MAGIC or start < PACK_HEADER.size:
+        raise IntegrityError(f"{key}: damaged pack footer")
+    rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], key, cipher)
+    return [BlobEntry.from_row(pack_id, row) for row in rows]
 
 
 def coalesce(entries: Iterable[BlobEntry], max_gap: int = 256 << 10, max_waste: float = 0.25,

@@ -102,7 +102,7 @@ def prune(repo: Repository, options: PruneOptions) -> PruneReport:
     if options.dry_run:
         return _Pruner(repo, options).run()  # writes nothing, so needs no lock
     with repo.lock("prune") as own:
-        _refuse_concurrent_prune(repo, own)
+        refuse_concurrent_prune(repo, own)
         repo.held_lock = own
         try:
             return _Pruner(repo, options, own).run()
@@ -124,7 +124,7 @@ def _refuse_beside_damaged_objects(repo: Repository) -> None:
                              f"record(s), first {key}; run 'clubsnap {repair}' first")
 
 
-def _refuse_concurrent_prune(repo: Repository, own: locks.Lock) -> None:
+def refuse_concurrent_prune(repo: Repository, own: locks.Lock) -> None:
     others, _ = locks.live_locks(repo.backend, repo.cipher, ("prune",))
     others = [lock for lock in others if lock.key != own.key]
     if others:
@@ -443,7 +443,7 @@ class _Pruner:
             "  AND id NOT IN (SELECT id FROM temp.prune_new_blobs)"
             " UNION ALL SELECT * FROM temp.prune_new_blobs) ORDER BY pack")
         names = []
-        for batch in _index_batches(rows, sizes):
+        for batch in index_batches(rows, sizes):
             data = seal_object(Kind.INDEX, {"packs": batch}, self.repo.cipher)
             name = digest(data)
             self._ensure_held()
@@ -598,7 +598,7 @@ def _may_sweep(waiting_for: list[str] | None, running: set[str]) -> bool:
     return not (set(waiting_for) & running)
 
 
-def _index_batches(rows: Iterable[tuple[Any, ...]], sizes: dict[PackId, int]) -> Iterator[list[dict[str, Any]]]:
+def index_batches(rows: Iterable[tuple[Any, ...]], sizes: dict[PackId, int]) -> Iterator[list[dict[str, Any]]]:
     """Index records of at most INDEX_ENTRIES_PER_OBJECT blobs from rows sorted by pack."""
     batch: list[dict[str, Any]] = []
     count = 0

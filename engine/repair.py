@@ -26,14 +26,14 @@ from typing import Any, Callable, Iterator
 from . import damage, locks
 from .errors import BackendError, EngineError, IntegrityError, ObjectNotFound, UnsupportedFormat, UsageError
 from .format import (
-    DATA_PREFIX, INDEX_PREFIX, PACK_FOOTER, PACK_FOOTER_MAGIC, PACK_HEADER, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
+    DATA_PREFIX, GARBAGE_PREFIX, INDEX_PREFIX, SNAPSHOT_PREFIX, SUMMARY_PREFIX, BlobType,
     ChunkId, Kind, PackId, SnapshotId, decode_blob, digest, display, index_key, open_object, pack_key, parse_snapshot_key,
     seal_object,
 )
 from .forget import remove_snapshots
-from .packs import BlobEntry, read_trailer
+from .packs import BlobEntry, read_trailer, trailer_of
 from .pagemap import file_chunks
-from .prune import _index_batches, _refuse_concurrent_prune
+from .prune import index_batches, refuse_concurrent_prune
 from .repository import Repository, SnapshotInfo, check_snapshot_time
 from .tree import load_tree, store_tree
 
@@ -74,7 +74,7 @@ def _maintenance(repo: Repository, dry_run: bool) -> Iterator[None]:
         yield
         return
     with repo.lock("prune") as own:
-        _refuse_concurrent_prune(repo, own)
+        refuse_concurrent_prune(repo, own)
         repo.held_lock = own
         try:
             yield
@@ -129,7 +129,7 @@ def _rewrite_index(repo: Repository, report: RepairReport, exclude: set[PackId])
         return
     written: list[str] = []
     rows = _index_rows(repo, [n for n in listed if n not in damaged], keep, from_trailers, stored, report)
-    for batch in _index_batches(rows, stored):
+    for batch in index_batches(rows, stored):
         data = seal_object(Kind.INDEX, {"packs": batch}, repo.cipher)
         if repo.held_lock is not None:
             repo.held_lock.ensure_held()
@@ -257,7 +257,11 @@ def _salvage(repo: Repository, pack: PackId, size: int | None, report: RepairRep
             data = repo.backend.get(pack_key(pack))
         except ObjectNotFound:
             pass
-        for entry in _trailer_entries(data, pack, repo):
+        try:
+            trailer = trailer_of(data, pack, repo.cipher)
+        except EngineError:
+            trailer = []  # damaged too: the index's entries are all there is
+        for entry in trailer:
             entries.setdefault(entry.id, entry)
     lost = set()
     elsewhere = repo.which_exist(list(entries))
@@ -277,21 +281,6 @@ def _salvage(repo: Repository, pack: PackId, size: int | None, report: RepairRep
     return lost
 
 
-def _trailer_entries(data: bytes, pack: PackId, repo: Repository) -> list[BlobEntry]:
-    """The blob list of a pack read whole, or none when its trailer is damaged too."""
-    if len(data) < PACK_HEADER.size + PACK_FOOTER.size:
-        return []
-    try:
-        length, magic = PACK_FOOTER.unpack_from(data, len(data) - PACK_FOOTER.size)
-        start = len(data) - PACK_FOOTER.size - length
-        if magic != PACK_FOOTER_MAGIC or start < PACK_HEADER.size:
-            return []
-        rows = open_object(Kind.PACK_TRAILER, data[start:len(data) - PACK_FOOTER.size], pack_key(pack), repo.cipher)
-        return [BlobEntry.from_row(pack, row) for row in rows]
-    except EngineError:
-        return []
-
-
 def _delete_damaged(repo: Repository, packs: dict[PackId, int], report: RepairReport) -> None:
     """Delete the damaged packs now if no snapshot or reader runs (one that does may have
     read the old index); else condemn them in a garbage record for the next prune. The
@@ -304,7 +293,7 @@ def _delete_damaged(repo: Repository, packs: dict[PackId, int], report: RepairRe
         record = {"time": datetime.now(timezone.utc).isoformat(), "host": locks.this_host(), "waiting_for": waiting,
                   "packs": [{"id": bytes(p), "size": s, "blobs": []} for p, s in sorted(packs.items())]}
         data = seal_object(Kind.GARBAGE, record, repo.cipher)
-        repo.backend.put(f"garbage/{digest(data).hex()}", data)
+        repo.backend.put(f"{GARBAGE_PREFIX}{digest(data).hex()}", data)
         report.packs_pending = len(packs)
         return
     if repo.held_lock is not None:

@@ -310,11 +310,6 @@ class Repository:
         """Note a damaged index object or snapshot record that is being passed over."""
         self.damaged_objects[key] = f"{exc}; passed over (run 'clubsnap {repair}')"
 
-    @property
-    def warnings(self) -> list[str]:
-        """What the commands of this object passed over, for the operator."""
-        return self.garbage_warnings + self.damage_warnings + list(self.damaged_objects.values())
-
     def note_damage(self, findings: dict[PackId, damage.Finding], found_by: str) -> str | None:
         """Record damage a read found (``engine/damage.py``), so that the next snapshot
         stores those blobs again; returns the record's key, None if nothing new."""
