@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-s3 bench-encryption bench-prune clean
+.PHONY: demo test bench bench-s3 bench-encryption bench-prune mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,16 @@ bench-encryption: $(VENV)/.installed
 bench-prune: $(VENV)/.installed
 	$(PY) -m benchmarks.prune $(BENCH_ARGS)
 
+# Mutation testing of restore, prune, retention and forget, the consistent cut, time
+# parsing, check, the SQLite capture and the files cache (hours on two cores; results kept
+# in mutants/ between runs); rewrites docs/mutation.md. Not part of CI.
+# E.g. make mutation MUTATION_ARGS="--concept restore" or MUTATION_ARGS=--fresh.
+$(VENV)/.mutation: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,mutation]'
+	touch $@
+
+mutation: $(VENV)/.mutation
+	$(PY) -m benchmarks.mutation $(MUTATION_ARGS)
+
 clean:
-	rm -rf $(VENV) demo-work bench-work
+	rm -rf $(VENV) demo-work bench-work mutants

@@ -102,10 +102,13 @@ def remove_snapshots(repo: Repository, doomed: list[SnapshotInfo]) -> None:
     summaries = [key for key, _ in repo.backend.list(SUMMARY_PREFIX)]
     if not summaries or not doomed:
         return
-    if repo.snapshot_keys():
-        repo.write_summary()  # deletes the older summaries once the new one is stored
-    else:
-        for key in summaries:
+    # The new summary replaces the older ones itself; one stamped later (the newest
+    # snapshot was forgotten, so the new one is stamped earlier) holds a forgotten record
+    # too and goes here.
+    written = repo.write_summary() if repo.snapshot_keys() else None
+    stamp = written.rsplit("_", 1)[0] if written else ""
+    for key in summaries:
+        if key != written and key.rsplit("_", 1)[0] > stamp:
             repo.backend.delete(key)
 
 

@@ -723,14 +723,15 @@ class Repository:
             found.append(SnapshotInfo(snap_id, key, time, {"tree": bytes(32)}))
         return found
 
-    def write_summary(self) -> None:
+    def write_summary(self) -> str | None:
         """Write one object holding every snapshot record (as stored), then delete older
-        summaries. Only an optimisation: a reader checks each record against its id and
-        falls back to the record objects, so a stale, missing or damaged summary costs GETs,
-        never correctness."""
+        summaries; returns its key (None: no snapshots, nothing written). Only an
+        optimisation: a reader checks each record against its id and falls back to the
+        record objects, so a stale, missing or damaged summary costs GETs, never
+        correctness."""
         snaps = self.snapshots()
         if not snaps:
-            return
+            return None
         entries = []
         for snap in snaps:
             sealed = self.catalog.snapshot_sealed(snap.key)  # the record as stored
@@ -746,6 +747,7 @@ class Repository:
         self.backend.put(key, data)
         for stale in older:
             self.backend.delete(stale)
+        return key
 
     def _load_from_summary(self, wanted: set[str]) -> set[str]:
         """Catalog the wanted records the newest summary holds; returns their keys."""

@@ -326,9 +326,11 @@ class _Writer:
             directory, name = os.path.split(os.path.join(self.root, plan.rel))
             temp = os.path.join(directory, b"." + name + RESTORE_TEMP_MARK + secrets.token_hex(4).encode())
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            os.ftruncate(fd, plan.entry["size"])
-            os.close(fd)
-            self.temps[plan.rel] = temp
+            self.temps[plan.rel] = temp  # removed on failure from here on, even by ftruncate's
+            try:
+                os.ftruncate(fd, plan.entry["size"])
+            finally:
+                os.close(fd)
 
     def _positions(self) -> dict[ChunkId, list[tuple[bytes, int]]]:
         """Where every needed chunk goes: (temp file, offset)."""

@@ -350,3 +350,126 @@ def test_forget_groups_by_host_and_data_dir_unless_told_otherwise(cli, tmp_path)
     done = forget()
     assert set(done["removed"]) == every - newest
     assert {s["id"] for s in json.loads(cli("snapshots", "--json", repo=repo).stdout)} == newest
+
+
+# -- what an operator reads: messages, reasons, the policy's own description --------------
+
+def test_usage_errors_say_what_to_do() -> None:
+    with pytest.raises(UsageError) as empty:
+        run(Policy(), FIVE)
+    assert str(empty.value) == "the retention policy keeps nothing: give at least one --keep-* rule"
+    with pytest.raises(UsageError) as period:
+        run(Policy(within_periods={"fortnightly": Duration(days=14)}), FIVE)
+    assert str(period.value) == "unknown period 'fortnightly': use one of hourly, daily, weekly, monthly, yearly"
+    with pytest.raises(UsageError) as unreadable:
+        Duration.parse("5x")
+    assert str(unreadable.value) == "cannot read duration '5x': use e.g. 30d, 12h, 2w, 6m (months), 1y, 1y6m"
+    with pytest.raises(UsageError) as zero:
+        Duration.parse("0d")
+    assert str(zero.value) == "duration '0d' is zero: it would keep nothing"
+
+
+def test_a_snapshot_kept_for_several_tags_names_them_all() -> None:
+    cands = [Candidate("a", u(2026, 1, 3), ("y", "x", "pin")), Candidate("b", u(2026, 1, 2), ("x",))]
+    assert reasons(run(Policy(tags=("pin", "y")), cands)) == {"a": ["tag pin, y"]}
+
+
+@pytest.mark.parametrize(("text", "shown"), [("1y6m2d", "1y6m2d"), ("2w12h", "2w12h"), (" 36H ", "36h"),
+                                             ("1d1d", "2d")])  # a unit given twice adds up
+def test_durations_print_as_they_parse(text: str, shown: str) -> None:
+    assert str(Duration.parse(text)) == shown
+    assert Duration.parse(shown) == Duration.parse(text)
+
+
+def test_a_zero_duration_still_prints_as_one() -> None:
+    assert str(Duration()) == "0h"
+
+
+@pytest.mark.skipif(not hasattr(time, "tzset"), reason="needs time.tzset")
+def test_a_duration_past_the_calendar_is_a_usage_error_on_every_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UsageError) as far:
+        Duration.parse("9999y").before(u(2026, 1, 1))
+    assert str(far.value) == "duration 9999y reaches out of the calendar"
+    # one hour before 0001-01-01 00:30 UTC: also out of range where local time is ahead of UTC
+    try:
+        monkeypatch.setenv("TZ", "Asia/Tokyo")
+        time.tzset()
+        with pytest.raises(UsageError):
+            Duration.parse("2025y1h").before(u(2026, 1, 1, 0, 30))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_policy_description() -> None:
+    full = Policy(last=2, hourly=1, daily=7, monthly=-1, within=Duration.parse("1y6m"),
+                  within_periods={"daily": Duration.parse("2w"), "weekly": Duration.parse("3m")}, tags=("pin", "release"))
+    assert full.describe() == ("last 2, hourly 1, daily 7, monthly all, within 1y6m, within-daily 2w, "
+                               "within-weekly 3m, tag pin, tag release")
+    assert Policy(weekly=4).describe() == "weekly 4"
+    assert Policy(tags=("pin",)).describe() == "tag pin"
+    assert Policy().describe() == "(empty)"
+
+
+def test_policy_record_round_trip() -> None:
+    policy = Policy(last=3, hourly=24, daily=7, weekly=4, monthly=-1, yearly=2, within=Duration.parse("1y6m"),
+                    within_periods={"daily": Duration.parse("2w"), "hourly": Duration.parse("2d")},
+                    tags=("pin", "release"))
+    record = policy.to_record()
+    assert record == {"last": 3, "hourly": 24, "daily": 7, "weekly": 4, "monthly": -1, "yearly": 2,
+                      "tags": ["pin", "release"], "within": "1y6m", "within_periods": {"daily": "2w", "hourly": "2d"}}
+    assert Policy.from_record(record) == policy
+    assert Policy(daily=7).to_record() == {"last": 0, "hourly": 0, "daily": 7, "weekly": 0, "monthly": 0,
+                                           "yearly": 0, "tags": [], "within_periods": {}}  # no "within": none
+
+
+def test_policy_records_of_other_writers() -> None:
+    # keys a record lacks are zero or empty; strings are read as numbers and tags as text
+    assert Policy.from_record({}) == Policy()
+    assert Policy.from_record({"last": "2", "within": "", "tags": ["pin", 7]}) == Policy(last=2, tags=("pin", "7"))
+    with pytest.raises(UsageError) as bad:
+        Policy.from_record({"daily": "many"})
+    assert str(bad.value).startswith("unreadable retention policy (")
+    with pytest.raises(UsageError):
+        Policy.from_record({"within_periods": ["daily"]})
+
+
+def test_period_of_refuses_an_unknown_period() -> None:
+    from engine.retention import period_of
+
+    with pytest.raises(ValueError) as bad:
+        period_of("fortnightly", u(2026, 1, 1), UTC)
+    assert str(bad.value) == "fortnightly"
+
+
+# -- the zone in "within" cutoffs ------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(time, "tzset"), reason="needs time.tzset")
+def test_within_counts_days_on_the_calendar_of_the_given_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Berlin springs forward on Mar 29 2026: one calendar day before 12:00 CEST (10:00Z) is
+    # 12:00 CET on Mar 28 (11:00Z), 23 hours. The machine runs on UTC here, so a cutoff
+    # reckoned in the machine's zone instead (24 hours back, 10:00Z) would keep 10:30Z too.
+    cands = snaps(u(2026, 3, 29, 10), u(2026, 3, 28, 23, 30), u(2026, 3, 28, 22, 30), u(2026, 3, 28, 11, 30),
+                  u(2026, 3, 28, 10, 30))
+    try:
+        monkeypatch.setenv("TZ", "UTC")
+        time.tzset()
+        within = run(Policy(within=Duration.parse("1d")), cands, BERLIN)
+        assert kept(within) == ["2026-03-29T10:00", "2026-03-28T23:30", "2026-03-28T22:30", "2026-03-28T11:30"]
+        assert len(kept(run(Policy(within=Duration.parse("1d")), cands, UTC))) == 5
+        # 23:30Z is 00:30 on Mar 29 in Berlin: the same local day as the newest
+        assert reasons(run(Policy(within_periods={"daily": Duration.parse("1d")}), cands, BERLIN)) == {
+            "2026-03-29T10:00": ["daily within 1d 2026-03-29"], "2026-03-28T22:30": ["daily within 1d 2026-03-28"]}
+        assert reasons(run(Policy(within_periods={"hourly": Duration.parse("1d")}), cands, BERLIN)) == {
+            "2026-03-29T10:00": ["hourly within 1d 2026-03-29 12h"],
+            "2026-03-28T23:30": ["hourly within 1d 2026-03-29 00h"],
+            "2026-03-28T22:30": ["hourly within 1d 2026-03-28 23h"],
+            "2026-03-28T11:30": ["hourly within 1d 2026-03-28 12h"]}
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_within_period_boundary_is_exclusive() -> None:
+    cands = snaps(u(2026, 3, 10, 12), u(2026, 3, 9, 12), u(2026, 3, 8, 18))
+    assert kept(run(Policy(within_periods={"daily": Duration.parse("1d")}), cands)) == ["2026-03-10T12:00"]

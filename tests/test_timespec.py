@@ -3,7 +3,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from engine.errors import UsageError
-from engine.timespec import parse_time
+from engine.timespec import parse_time, recorded_time
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
 
@@ -44,3 +44,48 @@ def test_date_alone_means_end_of_that_day() -> None:
 def test_bad_times_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError):
         parse_time(text, NOW)
+
+
+def test_a_lower_case_z_is_utc_too() -> None:
+    assert parse_time("2026-04-09T12:00:30z", NOW) == datetime(2026, 4, 9, 12, 0, 30, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("text,says", [
+    ("5 fortnights ago", "unknown time unit in '5 fortnights ago'"),
+    ("99999999 days ago", "time '99999999 days ago' is out of range"),
+    ("2026-13-01", "cannot read time '2026-13-01': use ISO 8601"),
+])
+def test_a_bad_time_says_what_was_wrong(text: str, says: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_time(text, NOW)
+    assert str(raised.value).startswith(says)
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("2026-04-09T12:00:30+00:00", datetime(2026, 4, 9, 12, 0, 30, tzinfo=timezone.utc)),
+    ("2026-04-09T12:00:30", None),   # naive: whose clock?
+    ("not a time", None),
+    (None, None),
+    (1775736030, None),               # a number is not an ISO time, and no error either
+])
+def test_recorded_times_read_as_unknown_unless_whole(value: object, expected: datetime | None) -> None:
+    assert recorded_time(value) == expected
+
+
+def test_a_given_offset_is_kept_for_the_messages(repo, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """'no snapshot at or before T' repeats T as the operator wrote it, offset included,
+    not converted to this machine's zone (New York here)."""
+    import time
+
+    from engine.errors import SnapshotNotFound
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        with pytest.raises(SnapshotNotFound) as none:
+            repo.snapshot_at(parse_time("2026-04-09T14:00+02:00", NOW))
+        assert str(none.value) == "no snapshot at or before 2026-04-09T14:00:00+02:00 (oldest: none)"
+        assert parse_time("2026-04-09T12:00Z", NOW).isoformat() == "2026-04-09T12:00:00+00:00"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
