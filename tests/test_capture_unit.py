@@ -19,6 +19,8 @@ import pytest
 
 from engine.sources import sqlite as capture
 
+from .test_sqlite_capture import _same_except_backup_header
+
 STOPPED = "immutable: club stopped, read-only mount"
 
 
@@ -121,15 +123,6 @@ def test_a_wal_database_pin_records_its_wal_state(tmp_path: Path) -> None:
             assert image.fingerprint != first and _rows(image.connection) == 202
     finally:
         holder.close()
-
-
-def _same_except_backup_header(image: bytes, oracle: bytes) -> bool:
-    """The backup API rewrites the change counter, schema cookie and version-valid-for
-    fields of page 1 (SQLITE_NOTES §1.2a); every other byte must match."""
-    a, b = bytearray(image), bytearray(oracle)
-    for offset in (24, 40, 92):
-        a[offset:offset + 4] = b[offset:offset + 4]
-    return a == b
 
 
 def test_a_wal_rewritten_under_the_pin_fails_the_capture(tmp_path: Path) -> None:

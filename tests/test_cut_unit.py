@@ -324,13 +324,8 @@ def test_a_tarball_landing_late_in_the_second_look_is_waited_for(
     assert calls == [1, 1]
 
 
-def test_a_blob_lost_at_the_parent_is_not_waited_for(
-        repo: Repository, club: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A blob the parent already recorded as lost is not a publish in flight: the second
-    look asks the live database once and moves on instead of waiting out its deadline."""
-    (club / LOST).unlink()
-    assert snap(repo, club, clock).info.record["lost"] == [LOST]
-    monkeypatch.setattr(snapshot_module, "SECOND_LOOK_S", 30.0)
+def _count_live_names(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many names each ask of the live database carries, in order."""
     original = snapshot_module.live_names
     calls: list[int] = []
 
@@ -339,6 +334,17 @@ def test_a_blob_lost_at_the_parent_is_not_waited_for(
         return original(database, items)
 
     monkeypatch.setattr(snapshot_module, "live_names", counted)
+    return calls
+
+
+def test_a_blob_lost_at_the_parent_is_not_waited_for(
+        repo: Repository, club: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob the parent already recorded as lost is not a publish in flight: the second
+    look asks the live database once and moves on instead of waiting out its deadline."""
+    (club / LOST).unlink()
+    assert snap(repo, club, clock).info.record["lost"] == [LOST]
+    monkeypatch.setattr(snapshot_module, "SECOND_LOOK_S", 30.0)
+    calls = _count_live_names(monkeypatch)
     result = snap(repo, club, clock)
     assert result.info.record["lost"] == [LOST] and result.info.record["dangling"] == [tarball_key("alpha", "1.0.0")]
     assert calls == [1, 1]  # the second look's one ask, and the cut's
@@ -374,14 +380,7 @@ def test_a_missing_blob_is_waited_for_then_reported(
     again, until the deadline), then reported lost with the pins taken once."""
     (club / LOST).unlink()
     monkeypatch.setattr(snapshot_module, "SECOND_LOOK_S", 0.5)
-    original = snapshot_module.live_names
-    calls: list[int] = []
-
-    def counted(database: str, items: list[Expected]) -> dict[str, Expected]:
-        calls.append(len(items))
-        return original(database, items)
-
-    monkeypatch.setattr(snapshot_module, "live_names", counted)
+    calls = _count_live_names(monkeypatch)
     result = snap(repo, club, clock)
     assert result.info.record["lost"] == [LOST] and result.info.record["stats"]["pins"] == 1
     assert len(calls) >= 3 and set(calls) == {1}
