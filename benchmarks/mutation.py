@@ -27,8 +27,10 @@ import fnmatch
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -162,9 +164,63 @@ def run_mutmut(names: list[str], children: int) -> None:
     # Byte code cached: each CLI run of a test imports modules mutmut has made ten times
     # larger, and compiling them again in every process triples the run.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    done = subprocess.run(command, cwd=ROOT, env=env)
-    if done.returncode not in (0, 1):
-        sys.exit(f"mutation: mutmut exited with {done.returncode}")
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    watch_for_hangs(process)
+    if process.returncode not in (0, 1):
+        sys.exit(f"mutation: mutmut exited with {process.returncode}")
+
+
+HANG_S = 60  # a mutant's tests using under a second of CPU in this long are waiting forever
+
+
+def watch_for_hangs(process: subprocess.Popen[bytes]) -> None:
+    """mutmut limits a mutant by CPU time, which a mutant that makes prune wait, or a
+    loop sleep, never uses up: it would hang the run. A worker whose process tree used
+    under a second of CPU in ``HANG_S`` gets the signal of mutmut's own limit (SIGXCPU),
+    so it counts as a timeout: the tests noticed."""
+    seen: dict[int, list[tuple[float, float]]] = {}
+    while process.poll() is None:
+        time.sleep(5)
+        now, trees = time.monotonic(), _worker_cpu()
+        for pid, cpu in trees.items():
+            history = seen.setdefault(pid, [])
+            history.append((now, cpu))
+            old = [(t, c) for t, c in history if now - t >= HANG_S]
+            if old and cpu - old[-1][1] < 1.0:
+                print(f"mutation: worker {pid} waits without working; stopping it as a timeout", flush=True)
+                os.kill(pid, signal.SIGXCPU)
+        seen = {pid: h for pid, h in seen.items() if pid in trees}
+
+
+def _worker_cpu() -> dict[int, float]:
+    """CPU seconds of each mutmut worker (its title starts "mutmut: "), children included."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            title = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if title.startswith(b"mutmut: "):
+            workers.append(pid)
+    totals = {}
+    for worker in workers:
+        total = 0.0
+        for pid in cpu:
+            ancestor = pid
+            while ancestor > 1 and ancestor != worker:
+                ancestor = parents.get(ancestor, 1)
+            if ancestor == worker:
+                total += cpu[pid]
+        totals[worker] = total
+    return totals
 
 
 def report(results: dict[str, int | None], verdicts: dict[str, Verdict], concepts: list[str],
